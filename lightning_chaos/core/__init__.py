@@ -1,0 +1,1 @@
+"""Plain-PyTorch numerical core: closures and tensors in, tensors out. No Lightning imports."""
