@@ -1,0 +1,110 @@
+import pytest
+import torch
+from torch import nn
+
+from lightning_chaos.core.params import flatten, unflatten
+from lightning_chaos.core.probe import FunctionalLoss, RNGState
+
+
+def dropout_bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Dropout(0.5), nn.Linear(7, 3))
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_probe_leaves_parameters_buffers_grads_and_rng_untouched():
+    net = dropout_bn_net()
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    nn.functional.cross_entropy(net(x), y).backward()
+    before, grads = snapshot(net), [p.grad.clone() for p in net.parameters()]
+    rng = RNGState.capture()
+    loss = FunctionalLoss(net, lambda: nn.functional.cross_entropy(net(x), y), rng_state=rng)
+    q = torch.randn(loss.dim, 3)
+    marker = torch.get_rng_state()
+    loss.gradient(q[:, 0])
+    loss.gradients(q)
+    assert torch.equal(torch.get_rng_state(), marker)
+    after = snapshot(net)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, net.parameters()))
+
+
+def test_replayed_rng_reproduces_the_training_gradient_with_dropout():
+    net = dropout_bn_net()
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    rng = RNGState.capture()
+    nn.functional.cross_entropy(net(x), y).backward()
+    training = flatten([p.grad for p in net.parameters()])
+    loss = FunctionalLoss(net, lambda: nn.functional.cross_entropy(net(x), y), rng_state=rng)
+    torch.testing.assert_close(loss.gradient(), training, rtol=0, atol=1e-7)
+    # without the replay the dropout masks differ and so does the gradient
+    unreplayed = FunctionalLoss(net, lambda: nn.functional.cross_entropy(net(x), y))
+    assert not torch.allclose(unreplayed.gradient(), training)
+
+
+def test_gradient_at_perturbed_point_matches_a_perturbed_copy():
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    loss = FunctionalLoss(net, lambda: nn.functional.mse_loss(net(x), y))
+    q = torch.randn(loss.dim, dtype=torch.float64) * 0.1
+    copy = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    with torch.no_grad():
+        for c, p, dq in zip(copy.parameters(), net.parameters(), unflatten(q, list(net.parameters()))):
+            c.copy_(p + dq)
+    nn.functional.mse_loss(copy(x), y).backward()
+    torch.testing.assert_close(loss.gradient(q), flatten([p.grad for p in copy.parameters()]))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_vmap_and_loop_agree(dropout):
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Dropout(dropout), nn.Linear(6, 2)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    rng = RNGState.capture()
+    q = torch.randn(sum(p.numel() for p in net.parameters()), 4, dtype=torch.float64)
+    vm = FunctionalLoss(net, lambda: nn.functional.mse_loss(net(x), y), rng_state=rng)
+    batched = vm.gradients(q)
+    assert vm.vectorize, "vmap path fell back to the loop"
+    lp = FunctionalLoss(net, lambda: nn.functional.mse_loss(net(x), y), rng_state=rng, vectorize=False)
+    torch.testing.assert_close(batched, lp.gradients(q))
+    assert vm.num_gradients == lp.num_gradients == 4
+
+
+def test_batchnorm_in_training_mode_falls_back_to_loop():
+    net = dropout_bn_net().double()
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    rng = RNGState.capture()
+    q = torch.randn(sum(p.numel() for p in net.parameters()), 2, dtype=torch.float64)
+    fl = FunctionalLoss(net, lambda: nn.functional.cross_entropy(net(x), y), rng_state=rng)
+    g = fl.gradients(q)
+    assert not fl.vectorize
+    ref = torch.stack([fl.gradient(q[:, j]) for j in range(2)], dim=1)
+    torch.testing.assert_close(g, ref)
+
+
+def test_loss_scale_and_reduce():
+    net = nn.Linear(3, 1).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    plain = FunctionalLoss(net, lambda: net(x).pow(2).mean())
+    scaled = FunctionalLoss(net, lambda: net(x).pow(2).mean(), loss_scale=1024.0, reduce=lambda g: 2 * g)
+    torch.testing.assert_close(scaled.gradient(), 2 * plain.gradient())
+
+
+def test_non_scalar_loss_and_no_parameters_are_clear_errors():
+    net = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="scalar"):
+        FunctionalLoss(net, lambda: net(x)).gradient()
+    frozen = nn.Linear(3, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="requires_grad"):
+        FunctionalLoss(frozen, lambda: frozen(x).sum())
+
+
+def test_dict_output_with_loss_key():
+    net = nn.Linear(3, 1)
+    x = torch.randn(4, 3)
+    fl = FunctionalLoss(net, lambda: {"loss": net(x).sum(), "other": 1})
+    assert fl.gradient().shape == (4,)
