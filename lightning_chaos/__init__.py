@@ -1,3 +1,7 @@
 """lightning_chaos: PyTorch Lightning callbacks that watch training as a dynamical system."""
 
+from lightning_chaos.callbacks import HessianEigenvalueMonitor
+
 __version__ = "0.1.0"
+
+__all__ = ["HessianEigenvalueMonitor"]

@@ -43,8 +43,10 @@ class LyapunovStep:
     """Outcome of one controlled iteration on an operator ``B``.
 
     Attributes:
-        valid: False when the iteration produced NaN/inf or ``λ0 ≤ 0`` (then nothing else is meaningful,
-            β is kept and the direction re-randomised).
+        valid: False when the iteration produced NaN/inf (in ``BQ``, the estimates or the next β) or no
+            measurable growth (``λ0 ≤ 100·eps`` of the dtype, which includes ``λ0 ≤ 0``); then nothing
+            else is meaningful, the direction is re-randomised and β kept (or, if ``0 < λ0`` was just too
+            small to measure while the Rayleigh quotient ρ > 0, re-aimed at ``(e − 1)/ρ``).
         exponents: ``(k,)`` finite-size exponents ``λ_j = log|R_jj|`` of the map ``I + βB``.
         eigenvalues: ``(k,)`` Lyapunov estimates ``(exp(λ_j) − 1) / β`` of the top-k eigenvalues of ``B``.
         ritz_values: ``(k,)`` Rayleigh–Ritz values of ``B`` on ``span(Q)``, descending (for ``k = 1`` the
@@ -154,17 +156,28 @@ class ControlledLyapunov:
         ritz, vectors = torch.linalg.eigh(0.5 * (projected + projected.T))
         ritz, vectors = ritz.flip(0), vectors.flip(1)
         residuals = torch.linalg.vector_norm(b_basis @ vectors - (u @ vectors) * ritz, dim=0)
-        valid = bool(torch.isfinite(b_basis).all() and torch.isfinite(exponents).all() and exponents[0] > 0)
+        eigenvalues = torch.expm1(exponents) / beta
+        # Growth below a few hundred ulps of the parameters' dtype is rounding, not curvature (e.g. a
+        # finite difference that cancelled to zero at huge weights): treat it as "no measurable growth".
+        floor = 100 * torch.finfo(dtype).eps
+        next_beta = beta / float(exponents[0])
+        valid = bool(
+            torch.isfinite(b_basis).all()
+            and torch.isfinite(eigenvalues).all()
+            and exponents[0] > floor
+            and math.isfinite(next_beta)
+        )
         if not valid:
+            rayleigh = float(ritz[0])
+            if 0.0 < exponents[0] <= floor and math.isfinite(rayleigh) and rayleigh > 0:
+                self.beta = (math.e - 1) / rayleigh  # β far too small for this curvature: re-aim it
             self.num_restarts += 1
             self._randomize(dim, dtype, torch.device(device))
             nan = torch.full((self.k,), math.nan, dtype=torch.float64)
             return LyapunovStep(False, nan, nan, nan, nan, beta)
-        lam0 = float(exponents[0])
-        self.beta = beta / lam0
+        self.beta = next_beta
         self.basis = new_basis.to(dtype=dtype)
-        self.recent.append(lam0)
-        eigenvalues = torch.expm1(exponents) / beta
+        self.recent.append(float(exponents[0]))
         return LyapunovStep(True, exponents, eigenvalues, ritz, residuals, beta)
 
     def state_dict(self) -> dict[str, Any]:

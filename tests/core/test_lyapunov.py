@@ -148,3 +148,18 @@ def test_bad_arguments_name_the_argument(kwargs):
     name = next(iter(kwargs))
     with pytest.raises(ValueError, match=name):
         ControlledLyapunov(**kwargs)
+
+
+def test_rounding_level_growth_is_not_a_measurement():
+    """A finite difference that cancels to zero (huge weights) must not be read as h0 ≈ 0."""
+    it = ControlledLyapunov(k=1, beta=1.0)
+    step = it.iterate(lambda q: torch.zeros_like(q), 5, dtype=torch.float32)
+    assert not step.valid and it.beta == 1.0
+
+
+def test_beta_far_too_small_is_re_aimed_from_the_rayleigh_quotient():
+    it = ControlledLyapunov(k=1, beta=1.0)
+    step = it.iterate(lambda q: 1e-9 * q, 5, dtype=torch.float32)
+    assert not step.valid
+    assert it.beta == pytest.approx((math.e - 1) / 1e-9, rel=1e-3)
+    assert it.iterate(lambda q: 1e-9 * q, 5, dtype=torch.float32).valid

@@ -1,0 +1,87 @@
+"""Small Lightning fixtures shared by the callback tests."""
+
+from collections import defaultdict
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import Logger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class TinyModule(pl.LightningModule):
+    """8 → 16 → 3 classifier with optional BatchNorm and dropout; SGD with momentum."""
+
+    def __init__(
+        self, dropout=0.0, batchnorm=False, lr=0.1, momentum=0.9, weight_decay=0.0, curvature_loss=False
+    ):
+        super().__init__()
+        layers = [nn.Linear(8, 16)]
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(16))
+        layers += [nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 3)]
+        self.net = nn.Sequential(*layers)
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        if curvature_loss:
+            self.curvature_loss = self._loss
+
+    def _loss(self, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(
+            self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
+
+
+def loader(n=64, batch_size=16, shuffle=True, seed=0, features=8, classes=3):
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, features, generator=gen), torch.randint(0, classes, (n,), generator=gen)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle)
+
+
+class MemoryLogger(Logger):
+    """Keeps every logged metric as {name: {step: value}}."""
+
+    def __init__(self):
+        super().__init__()
+        self.metrics = defaultdict(dict)
+
+    @property
+    def name(self):
+        return "memory"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        for k, v in metrics.items():
+            self.metrics[k][step] = float(v)
+
+    def chaos(self):
+        return {k: v for k, v in self.metrics.items() if k.startswith("chaos/")}
+
+
+def trainer(callbacks=(), logger=None, **kwargs):
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=6,
+        logger=logger if logger is not None else False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=list(callbacks), **defaults)

@@ -1,0 +1,233 @@
+import math
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import MemoryLogger, TinyModule, loader, trainer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_chaos import HessianEigenvalueMonitor
+from lightning_chaos.callbacks._step import StepProbe, check_supported
+
+
+def fit_state(callbacks, precision="32-true", curvature_loss=False, max_steps=6, **module_kwargs):
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule(dropout=0.3, batchnorm=True, curvature_loss=curvature_loss, **module_kwargs)
+    tr = trainer(callbacks, precision=precision, max_steps=max_steps)
+    tr.fit(model, loader())
+    opt = tr.optimizers[0].state_dict()
+    momentum = [opt["state"][i]["momentum_buffer"] for i in sorted(opt["state"])]
+    return model.state_dict(), momentum, torch.get_rng_state(), torch.randn(3)
+
+
+@pytest.mark.parametrize("curvature_loss", [False, True])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_monitor_leaves_training_bit_identical(curvature_loss, precision):
+    plain = fit_state([], precision=precision, curvature_loss=curvature_loss)
+    monitor = HessianEigenvalueMonitor(top_k=2, most_negative=True, n_iter=2, warmup_iters=5)
+    watched = fit_state([monitor], precision=precision, curvature_loss=curvature_loss)
+    for key in plain[0]:
+        assert torch.equal(plain[0][key], watched[0][key]), key  # weights and BatchNorm buffers
+    assert all(torch.equal(a, b) for a, b in zip(plain[1], watched[1]))  # optimizer state
+    assert torch.equal(plain[2], watched[2])  # global RNG stream after training
+    assert torch.equal(plain[3], watched[3])
+    assert monitor.latest is not None and monitor.latest.valid
+
+
+class CheckProbe(Callback):
+    """Runs after the monitor: the reused training gradient equals the probe's recomputed g(θ)."""
+
+    def __init__(self):
+        self.checked = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        probe = StepProbe.current(trainer, pl_module)
+        assert probe.reuses_gradient
+        torch.testing.assert_close(probe.g0(), probe.loss.gradient(), rtol=0, atol=1e-6)
+        self.checked += 1
+
+
+def test_probe_replays_dropout_and_batchnorm_of_the_step():
+    check = CheckProbe()
+    fit_state([HessianEigenvalueMonitor(warmup_iters=0), check])
+    assert check.checked == 6
+
+
+def test_logs_every_key_each_step_and_one_extra_gradient():
+    logger = MemoryLogger()
+    monitor = HessianEigenvalueMonitor(top_k=2, most_negative=True, warmup_iters=3)
+    pl.seed_everything(0, verbose=False)
+    trainer(
+        [monitor],
+        logger=logger,
+    ).fit(TinyModule(), loader())
+    chaos = logger.chaos()
+    for key in [
+        "h0",
+        "h0_rayleigh",
+        "h0_residual",
+        "lyapunov_exponent",
+        "beta",
+        "inv_h0",
+        "h_top0",
+        "h_top1",
+    ]:
+        assert len(chaos[f"chaos/{key}"]) == 6, key
+    assert len(chaos["chaos/h_min"]) == 6 and chaos["chaos/skipped_steps"][5] == 0
+    assert list(chaos["chaos/warmup_iters"].values()) == [3]
+    for step, h0 in chaos["chaos/h0"].items():
+        assert chaos["chaos/inv_h0"][step] == pytest.approx(1 / h0)
+    # gradient reuse: top_k=2 + most_negative = 3 gradients per iteration, g(θ) is free
+    assert monitor.latest.num_gradients == 3
+
+
+def test_every_n_steps_keeps_the_direction_between_computed_steps():
+    logger = MemoryLogger()
+    pl.seed_everything(0, verbose=False)
+    trainer([HessianEigenvalueMonitor(every_n_steps=3, warmup_iters=5)], logger=logger).fit(
+        TinyModule(), loader()
+    )
+    assert sorted(logger.chaos()["chaos/h0"]) == [0, 3]
+
+
+def test_resume_logs_what_the_uninterrupted_run_logs(tmp_path):
+    def run(ckpt_path=None, max_epochs=2):
+        pl.seed_everything(0, verbose=False)
+        logger = MemoryLogger()
+        monitor = HessianEigenvalueMonitor(top_k=2, most_negative=True, warmup_iters=4)
+        ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+        tr = trainer(
+            [monitor, ckpt], logger=logger, max_steps=-1, max_epochs=max_epochs, enable_checkpointing=True
+        )
+        tr.fit(TinyModule(), loader(shuffle=False), ckpt_path=ckpt_path)
+        return logger.chaos()
+
+    full = run()
+    resumed = run(ckpt_path=tmp_path / "epoch=0.ckpt")
+    assert set(resumed["chaos/h0"]) == {4, 5, 6, 7}
+    for key, values in resumed.items():
+        for step, value in values.items():
+            assert full[key][step] == value, (key, step)
+
+
+def test_two_monitors_keep_separate_state():
+    a = HessianEigenvalueMonitor(seed=0, log_prefix="chaos/")
+    b = HessianEigenvalueMonitor(seed=1, log_prefix="chaos_b/")
+    assert a.state_key != b.state_key
+    logger = MemoryLogger()
+    pl.seed_everything(0, verbose=False)
+    trainer([a, b], logger=logger).fit(TinyModule(), loader())
+    assert "chaos_b/h0" in logger.metrics and "chaos/h0" in logger.metrics
+
+
+class Diverging(TinyModule):
+    """A linear least-squares model at a huge learning rate: weights overflow to inf, then NaN."""
+
+    def __init__(self):
+        super().__init__(lr=1e4, momentum=0.0)
+        self.net = torch.nn.Linear(8, 3)
+
+    def _loss(self, batch):
+        x, y = batch
+        return (self.net(x) - torch.nn.functional.one_hot(y, 3)).pow(2).mean()
+
+
+def test_nan_steps_are_skipped_counted_and_never_logged():
+    logger = MemoryLogger()
+    monitor = HessianEigenvalueMonitor(warmup_iters=2)
+    pl.seed_everything(0, verbose=False)
+    trainer([monitor], logger=logger, max_steps=8).fit(Diverging(), loader())
+    assert monitor.skipped_steps > 0
+    chaos = logger.chaos()
+    assert chaos["chaos/skipped_steps"][7] == monitor.skipped_steps
+    assert all(math.isfinite(v) for values in chaos.values() for v in values.values())
+    assert len(chaos.get("chaos/h0", {})) + monitor.skipped_steps == 8
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"every_n_steps": 0},
+        {"n_iter": 0},
+        {"top_k": 0},
+        {"top_k": 1.5},
+        {"delta_q": 0.0},
+        {"delta_q": -1e-2},
+        {"probe_fraction": 1.5},
+        {"probe_fraction": 0},
+        {"warmup_iters": -1},
+        {"warmup_tol": 0},
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs):
+    with pytest.raises(MisconfigurationException, match=f"`{next(iter(kwargs))}`"):
+        HessianEigenvalueMonitor(**kwargs)
+
+
+def test_sharded_strategies_and_frozen_models_are_rejected():
+    module = TinyModule()
+    for cls in (FSDPStrategy, DeepSpeedStrategy):
+        fake = SimpleNamespace(strategy=cls.__new__(cls))
+        with pytest.raises(MisconfigurationException, match=cls.__name__):
+            check_supported(fake, module, "HessianEigenvalueMonitor")
+    module.requires_grad_(False)
+    with pytest.raises(MisconfigurationException, match="requires_grad"):
+        trainer([HessianEigenvalueMonitor()]).fit(module, loader())
+
+
+class VectorLoss(TinyModule):
+    def curvature_loss(self, batch):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x), y, reduction="none")
+
+
+def test_non_scalar_curvature_loss_is_a_clear_error():
+    with pytest.raises(ValueError, match="scalar"):
+        trainer([HessianEigenvalueMonitor()]).fit(VectorLoss(), loader())
+
+
+class Manual(TinyModule):
+    def __init__(self, with_curvature_loss):
+        super().__init__(curvature_loss=with_curvature_loss)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        loss = self._loss(batch)
+        self.manual_backward(loss)
+        opt.step()
+        return loss
+
+
+def test_manual_optimization_needs_curvature_loss_and_then_works():
+    with pytest.raises(MisconfigurationException, match="curvature_loss"):
+        trainer([HessianEigenvalueMonitor()]).fit(Manual(False), loader())
+    monitor = HessianEigenvalueMonitor(warmup_iters=5)
+    logger = MemoryLogger()
+    trainer([monitor], logger=logger).fit(Manual(True), loader())
+    assert len(logger.chaos()["chaos/h0"]) == 6
+    assert monitor.latest.num_gradients == 2  # g(θ) recomputed: p.grad belongs to the user's own backward
+
+
+def test_gradient_accumulation_recomputes_g0_on_the_last_micro_batch():
+    monitor = HessianEigenvalueMonitor(warmup_iters=5)
+    logger = MemoryLogger()
+    trainer([monitor], logger=logger, accumulate_grad_batches=2, max_steps=2).fit(TinyModule(), loader())
+    assert len(logger.chaos()["chaos/h0"]) == 2
+    assert monitor.latest.num_gradients == 2
+
+
+def test_probe_fraction_uses_part_of_the_batch():
+    seen = []
+
+    class Spy(TinyModule):
+        def curvature_loss(self, batch):
+            seen.append(batch[0].shape[0])
+            return self._loss(batch)
+
+    trainer([HessianEigenvalueMonitor(probe_fraction=0.25, warmup_iters=0)], max_steps=1).fit(Spy(), loader())
+    assert set(seen) == {4}
