@@ -1,7 +1,7 @@
 """lightning_chaos: PyTorch Lightning callbacks that watch training as a dynamical system."""
 
-from lightning_chaos.callbacks import HessianEigenvalueMonitor
+from lightning_chaos.callbacks import HessianEigenvalueMonitor, InverseCurvatureLR
 
 __version__ = "0.1.0"
 
-__all__ = ["HessianEigenvalueMonitor"]
+__all__ = ["HessianEigenvalueMonitor", "InverseCurvatureLR"]

@@ -1,5 +1,6 @@
 """Thin Lightning callbacks over the numerical core: hook wiring, state and logging."""
 
 from lightning_chaos.callbacks.hessian_eigenvalue import HessianEigenvalueMonitor
+from lightning_chaos.callbacks.inverse_curvature_lr import InverseCurvatureLR
 
-__all__ = ["HessianEigenvalueMonitor"]
+__all__ = ["HessianEigenvalueMonitor", "InverseCurvatureLR"]

@@ -1,0 +1,169 @@
+"""InverseCurvatureLR: the quasi-Newton learning rate ``lr = scale / h0`` of the ICLR 2021 submission."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.optim import Optimizer
+
+from lightning_chaos.callbacks._args import choice, positive_float, positive_int
+from lightning_chaos.callbacks._step import log_values, record_batch
+from lightning_chaos.callbacks.hessian_eigenvalue import HessianEigenvalueMonitor
+
+
+class InverseCurvatureLR(Callback):
+    r"""Set every param group's learning rate to ``scale / h0`` each step (§3.1 of the ICLR submission).
+
+    The curvature comes from the :class:`HessianEigenvalueMonitor` in the same Trainer when there is one
+    (no second probe per step; its settings then apply and the monitor arguments here are ignored),
+    otherwise from a monitor this callback owns, built from the monitor arguments below. In both cases
+    the first step runs the monitor's warm-up at the initial point, so step 1 already trains with a
+    curvature-based learning rate.
+
+    Each computed step, in ``on_before_optimizer_step`` (so the rate applies to this step's update):
+
+    .. math:: \bar h_t = \text{ema}\,\bar h_{t-1} + (1 - \text{ema})\,h_{0,t}, \qquad
+              \text{lr}_t = \operatorname{clamp}(\text{scale} / \bar h_t,\ \text{lr\_min},\ \text{lr\_max})
+
+    (``h̄`` starts at the first valid estimate). Skipped (NaN/inf) and non-computed steps keep the
+    previous rate; before the first valid estimate the optimizer's own rate is used.
+
+    What ``scale`` means: on a quadratic, gradient descent with ``lr = 1/h0`` is Newton's step along the
+    top eigenvector and ``lr < 2/h0`` is the stability limit. ``scale=1`` (default) is the paper's rule
+    with the *accurate* estimate of h0. The paper's implementation reported ``1/β`` as h0, which at the
+    controlled point is ``h0/(e − 1)``, so its learning rate was effectively ``(e − 1)/h0 ≈ 1.72/h0``:
+    use ``scale=math.e - 1`` to reproduce that behaviour.
+
+    Learning-rate schedulers: this callback owns the learning rate, so configuring a Lightning LR
+    scheduler as well is an error (a step scheduler would rescale the rate after every update and the
+    two would fight silently). ``LearningRateMonitor`` reads ``param_groups`` at the start of the next
+    batch, so its curve is ``chaos/lr`` shifted by one step.
+
+    Logged: ``chaos/lr`` (the rate used by this step's update) and ``chaos/h0_ema``.
+
+    Args:
+        scale: numerator of the rule, > 0.
+        ema: decay of the exponential moving average of h0, in ``[0, 1)`` (0: no averaging).
+        lr_min: lower clamp of the rate, >= 0.
+        lr_max: upper clamp of the rate, > 0 (``inf``: none).
+        estimator: which estimate drives the rate: ``"lyapunov"`` (``(e^λ − 1)/β``, logged as ``h0``) or
+            ``"rayleigh"`` (logged as ``h0_rayleigh``).
+        every_n_steps: owned monitor only, see :class:`HessianEigenvalueMonitor`.
+        n_iter: owned monitor only.
+        delta_q: owned monitor only.
+        warmup_iters: owned monitor only (must be > 0: the warm start is the point of this callback).
+        seed: owned monitor only.
+        log_prefix: prefix of the logged keys (and of the owned monitor's).
+    """
+
+    def __init__(
+        self,
+        scale: float = 1.0,
+        ema: float = 0.9,
+        lr_min: float = 0.0,
+        lr_max: float = math.inf,
+        estimator: str = "lyapunov",
+        every_n_steps: int = 1,
+        n_iter: int = 1,
+        delta_q: float = 5e-2,
+        warmup_iters: int = 100,
+        seed: int = 0,
+        log_prefix: str = "chaos/",
+    ) -> None:
+        self.scale = positive_float("scale", scale)
+        if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= ema < 1:
+            raise MisconfigurationException(f"`ema` must be in [0, 1), got {ema!r}.")
+        self.ema = float(ema)
+        if isinstance(lr_min, bool) or not isinstance(lr_min, (int, float)) or not 0 <= lr_min < math.inf:
+            raise MisconfigurationException(f"`lr_min` must be a finite number >= 0, got {lr_min!r}.")
+        self.lr_min = float(lr_min)
+        self.lr_max = positive_float("lr_max", lr_max)
+        if self.lr_max < self.lr_min:
+            raise MisconfigurationException(f"`lr_max` ({lr_max}) must be >= `lr_min` ({lr_min}).")
+        self.estimator = choice("estimator", estimator, ("lyapunov", "rayleigh"))
+        self.log_prefix = log_prefix
+        self._own_monitor = HessianEigenvalueMonitor(
+            every_n_steps=every_n_steps,
+            n_iter=n_iter,
+            delta_q=delta_q,
+            warmup_iters=positive_int("warmup_iters", warmup_iters),
+            seed=seed,
+            log_prefix=log_prefix,
+        )
+        self.monitor: HessianEigenvalueMonitor | None = None
+        self.h0_ema: float | None = None
+        self.lr: float | None = None
+
+    @property
+    def state_key(self) -> str:
+        """Unique per configuration (two instances keep separate checkpoint state)."""
+        return self._generate_state_key(scale=self.scale, ema=self.ema, log_prefix=self.log_prefix)
+
+    @property
+    def owns_monitor(self) -> bool:
+        """Whether the curvature comes from this callback's own monitor (none in the Trainer)."""
+        return self.monitor is self._own_monitor
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Find the Trainer's HessianEigenvalueMonitor, or fall back to an owned one."""
+        if stage != "fit":
+            return
+        shared = [c for c in trainer.callbacks if isinstance(c, HessianEigenvalueMonitor)]
+        self.monitor = shared[0] if shared else self._own_monitor
+        if self.owns_monitor:
+            self.monitor.setup(trainer, pl_module, stage)
+        elif self.monitor.warmup_iters == 0:
+            rank_zero_warn(
+                "InverseCurvatureLR reads a HessianEigenvalueMonitor with warmup_iters=0: the first learning "
+                "rates come from a cold, unaligned estimate."
+            )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse a configured LR scheduler (it would fight this callback over the learning rate)."""
+        if trainer.lr_scheduler_configs:
+            raise MisconfigurationException(
+                "InverseCurvatureLR sets the learning rate itself at every step; remove the LR scheduler "
+                "returned by `configure_optimizers` (or drop InverseCurvatureLR)."
+            )
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Record the batch for the probe (shared with any monitor)."""
+        record_batch(trainer, batch, batch_idx)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        """Update the average curvature and write the learning rate this step's update will use."""
+        assert self.monitor is not None
+        estimate = self.monitor.estimate(trainer, pl_module)
+        if estimate is None or not estimate.valid:
+            return
+        h0 = estimate.h0 if self.estimator == "lyapunov" else estimate.h0_rayleigh
+        if not (math.isfinite(h0) and h0 > 0):
+            return
+        self.h0_ema = h0 if self.h0_ema is None else self.ema * self.h0_ema + (1 - self.ema) * h0
+        self.lr = min(max(self.scale / self.h0_ema, self.lr_min), self.lr_max)
+        for group in optimizer.param_groups:
+            group["lr"] = self.lr
+        log_values(trainer, {"lr": self.lr, "h0_ema": self.h0_ema}, self.log_prefix)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The average, the rate and, when owned, the monitor's state."""
+        return {
+            "h0_ema": self.h0_ema,
+            "lr": self.lr,
+            "monitor": self._own_monitor.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output."""
+        self.h0_ema = state_dict["h0_ema"]
+        self.lr = state_dict["lr"]
+        self._own_monitor.load_state_dict(state_dict["monitor"])
