@@ -11,6 +11,7 @@ from torch.optim import Optimizer
 from lightning_chaos.callbacks._args import positive_float, positive_int
 from lightning_chaos.callbacks._step import StepProbe, check_supported, log_values, record_batch
 from lightning_chaos.core.lyapunov import CurvatureEstimate, HessianEigenEstimator
+from lightning_chaos.dashboards import write_layout
 
 
 class HessianEigenvalueMonitor(Callback):
@@ -132,6 +133,10 @@ class HessianEigenvalueMonitor(Callback):
         """Reject set-ups the probe cannot handle, before any training happens."""
         if stage == "fit":
             check_supported(trainer, pl_module, type(self).__name__)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the TensorBoard custom-scalars layout (once per run)."""
+        write_layout(trainer, self.log_prefix)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

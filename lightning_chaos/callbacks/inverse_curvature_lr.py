@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 from lightning_chaos.callbacks._args import choice, positive_float, positive_int
 from lightning_chaos.callbacks._step import log_values, record_batch
 from lightning_chaos.callbacks.hessian_eigenvalue import HessianEigenvalueMonitor
+from lightning_chaos.dashboards import write_layout
 
 
 class InverseCurvatureLR(Callback):
@@ -124,7 +125,8 @@ class InverseCurvatureLR(Callback):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Refuse a configured LR scheduler (it would fight this callback over the learning rate)."""
+        """Write the TensorBoard layout; refuse an LR scheduler (it would fight over the learning rate)."""
+        write_layout(trainer, self.log_prefix)
         if trainer.lr_scheduler_configs:
             raise MisconfigurationException(
                 "InverseCurvatureLR sets the learning rate itself at every step; remove the LR scheduler "
