@@ -43,9 +43,9 @@ def test_layout_written_once_and_its_tags_exist(tmp_path):
     tags = set(read_scalars(logdir))
     assert {"chaos/h0", "chaos/inv_h0", "chaos/lyapunov_exponent", "chaos/lr", "chaos/beta"} <= tags
     assert "lr-SGD" in tags and "train/loss" in tags
-    for title in ["lambda, 1/h0 and lr (Fig. 1)", "loss", "eigenvalues"]:  # the regexes match real tags
-        matched = {t for t in tags for rx in charts[title] if re.match(rx, t)}
-        assert len(matched) >= 2, (title, matched)
+    for title, least in [("lambda, 1/h0 and lr (Fig. 1)", 4), ("loss", 1), ("eigenvalues", 3)]:
+        matched = {t for t in tags for rx in charts[title] if re.match(rx, t)}  # the regexes match real tags
+        assert len(matched) >= least, (title, matched)
 
 
 def test_plot_command_writes_the_figures(tmp_path):
