@@ -18,7 +18,8 @@ or when the download fails, ``DatasetNotFoundError`` says which files are expect
 them.
 
 Loaders shuffle with their own ``torch.Generator`` seeded from ``seed``: data order never draws from, or
-depends on, the global RNG.
+depends on, the global RNG, and the training generator's state is part of the datamodule's
+``state_dict`` (saved in checkpoints), so a run resumed at an epoch boundary sees the same batches.
 Random augmentation runs batch-wise in the collate function and draws from the global torch RNG of the
 process that collates (the main process, or a worker seeded by the loader).
 """
@@ -275,6 +276,8 @@ class _ArrayDataModule(pl.LightningDataModule):
         self.test_set: TensorDataset | None = None
         self._train_transform: _BatchTransform | None = None
         self._eval_transform: _BatchTransform | None = None
+        self._train_generator: torch.Generator | None = None
+        self._restored_generator_state: Tensor | None = None
 
     @property
     def num_classes(self) -> int:
@@ -357,10 +360,17 @@ class _ArrayDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Return the training loader (shuffled and augmented as configured)."""
-        return self._loader(
-            self.train_set, self._train_transform, True, torch.Generator().manual_seed(self.seed)
-        )
+        """Return the training loader (shuffled and augmented as configured).
+
+        Its generator continues from a restored checkpoint's state, so a run resumed at an epoch boundary
+        sees the same batches as the uninterrupted run.
+        """
+        generator = torch.Generator().manual_seed(self.seed)
+        if self._restored_generator_state is not None:
+            generator.set_state(self._restored_generator_state)
+            self._restored_generator_state = None
+        self._train_generator = generator
+        return self._loader(self.train_set, self._train_transform, True, generator)
 
     def val_dataloader(self) -> DataLoader:
         """Return the validation loader (fixed order)."""
@@ -373,6 +383,18 @@ class _ArrayDataModule(pl.LightningDataModule):
         return self._loader(
             self.test_set, self._eval_transform, False, torch.Generator().manual_seed(self.seed)
         )
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Return the training loader's generator state (saved in Lightning checkpoints)."""
+        return {} if self._train_generator is None else {"train_generator": self._train_generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        """Restore the generator state for the next ``train_dataloader()``.
+
+        Args:
+            state_dict: as returned by ``state_dict``.
+        """
+        self._restored_generator_state = state_dict.get("train_generator")
 
 
 class DigitsDataModule(_ArrayDataModule):

@@ -491,3 +491,43 @@ def test_batch_transform_is_picklable_for_worker_processes(tmp_path):
     torch.manual_seed(0)
     x, _ = clone([dm.train_set[i] for i in range(4)])
     assert x.shape == (4, 3, 32, 32)
+
+
+def test_resumed_run_sees_the_same_batches(tmp_path):
+    import lightning.pytorch as pl
+
+    from lightning_chaos.models import MLP, Classifier
+
+    class Record(pl.Callback):
+        def __init__(self):
+            self.labels = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.labels.append(batch[1].clone())
+
+    def fit(epochs, ckpt_path=None, save=None):
+        torch.manual_seed(0)
+        record = Record()
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[record],
+            limit_val_batches=0,
+        )
+        model = Classifier(MLP(64, (8,), 10))
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=256), ckpt_path=ckpt_path)
+        if save:
+            trainer.save_checkpoint(save)
+        return model, record.labels
+
+    straight, labels = fit(2)
+    fit(1, save=tmp_path / "epoch1.ckpt")
+    resumed, resumed_labels = fit(2, ckpt_path=tmp_path / "epoch1.ckpt")
+    assert len(resumed_labels) == len(labels) // 2
+    assert all(torch.equal(a, b) for a, b in zip(resumed_labels, labels[len(resumed_labels) :], strict=True))
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
