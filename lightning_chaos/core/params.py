@@ -33,7 +33,7 @@ def unflatten(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     """
     trailing = tuple(vector.shape[1:])
     pieces = torch.split(vector, [t.numel() for t in like])
-    return [p.reshape(*t.shape, *trailing).to(t.dtype) for p, t in zip(pieces, like)]
+    return [p.reshape(*t.shape, *trailing).to(t.dtype) for p, t in zip(pieces, like, strict=True)]
 
 
 def num_params(tensors: Iterable[Tensor]) -> int:
