@@ -231,3 +231,47 @@ def test_probe_fraction_uses_part_of_the_batch():
 
     trainer([HessianEigenvalueMonitor(probe_fraction=0.25, warmup_iters=0)], max_steps=1).fit(Spy(), loader())
     assert set(seen) == {4}
+
+
+class CheckSharedSpectrum(Callback):
+    """The probe's exact Hessian and HVP operator agree with torch.func.hessian on the step's batch."""
+
+    def __init__(self):
+        self.checked = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        from lightning_chaos.callbacks._step import record_batch
+
+        record_batch(trainer, batch, batch_idx)
+        self.batch = batch
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        probe = StepProbe.current(trainer, pl_module)
+        evals, evecs = probe.eigh()
+        assert probe.eigh()[0] is evals  # cached: computed once per step
+        params = dict(pl_module.named_parameters())
+        names = list(params)
+
+        def flat_loss(vec):
+            pieces, i = {}, 0
+            for n in names:
+                pieces[n] = vec[i : i + params[n].numel()].reshape(params[n].shape)
+                i += params[n].numel()
+            x, y = self.batch
+            return torch.nn.functional.cross_entropy(
+                torch.func.functional_call(pl_module.net, {k[4:]: v for k, v in pieces.items()}, (x,)), y
+            )
+
+        theta = torch.cat([params[n].detach().reshape(-1) for n in names])
+        exact = torch.linalg.eigvalsh(torch.func.hessian(flat_loss)(theta))
+        torch.testing.assert_close(evals, exact, rtol=1e-4, atol=1e-5)
+        v = evecs[:, -1]
+        torch.testing.assert_close(probe.hessian().matvec(v), evals[-1] * v, rtol=1e-3, atol=1e-4)
+        self.checked += 1
+
+
+def test_shared_exact_spectrum_of_the_step():
+    check = CheckSharedSpectrum()
+    pl.seed_everything(0, verbose=False)
+    trainer([check], max_steps=2).fit(TinyModule(momentum=0.0), loader())
+    assert check.checked == 2

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from lightning_chaos.core.params import flatten
 from lightning_chaos.core.probe import FunctionalLoss, RNGState
+from lightning_chaos.core.spectrum import HessianOperator, dense_hessian
 
 _RECORD = "_lightning_chaos_record"
 
@@ -123,6 +124,24 @@ class StepProbe:
         self.cache: dict[str, Any] = {}
         self._params = params
         self._g0: Tensor | None = None
+
+    def hessian(self) -> HessianOperator:
+        """Matrix-free Hessian ``H`` of the probe's loss at θ (exact HVPs, DDP-averaged), shared per step."""
+        if "hessian" not in self.cache:
+            self.cache["hessian"] = HessianOperator(self.loss, self.loss.params, reduce=self.loss.reduce)
+        return self.cache["hessian"]
+
+    def eigh(self) -> tuple[Tensor, Tensor]:
+        """Exact ``(eigenvalues ascending (N,), eigenvectors (N, N))`` of ``H``, computed once per step.
+
+        Dense (``torch.func.hessian`` + ``eigh``): O(N²) memory and O(N³) time, for small models only.
+        """
+        if "eigh" not in self.cache:
+            dense = dense_hessian(self.loss, self.loss.params)
+            if self.loss.reduce is not None:
+                dense = self.loss.reduce(dense)
+            self.cache["eigh"] = torch.linalg.eigh(0.5 * (dense + dense.T))
+        return self.cache["eigh"]
 
     def g0(self) -> Tensor:
         """Gradient ``g(θ)`` of the probe's loss, ``(N,)``: the training gradient when reusable."""

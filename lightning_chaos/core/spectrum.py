@@ -179,6 +179,7 @@ class HessianOperator:
         params: Sequence[Tensor],
         method: HvpMethod = "auto",
         weight_decay: float = 0.0,
+        reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         """Create the operator.
 
@@ -187,12 +188,15 @@ class HessianOperator:
             params: parameters θ (cloned).
             method: HVP route, see :func:`hessian_vector_product`.
             weight_decay: wd ≥ 0 added on the diagonal.
+            reduce: applied to every product ``Hv`` / ``HV`` before the weight decay is added (e.g. an
+                all-reduce mean across data-parallel ranks, making it the global batch's Hessian).
         """
         if not params:
             raise ValueError("params must contain at least one tensor")
         self.loss_fn = loss_fn
         self.method = _resolve_method(method)
         self.weight_decay = float(weight_decay)
+        self.reduce = reduce
         self._params = [p.detach().clone() for p in params]
         n = num_params(self._params)
         self.shape = (n, n)
@@ -237,6 +241,7 @@ class HessianOperator:
         """``(H + wd·I) v`` for ``v`` of shape ``(N,)``; returns ``(N,)``."""
         v = self._check(v, 1)
         out = self._hvp(v)
+        out = self.reduce(out) if self.reduce is not None else out
         self.num_hvps += 1
         return out + self.weight_decay * v if self.weight_decay else out
 
@@ -246,6 +251,7 @@ class HessianOperator:
         if block.shape[1] == 0:
             return block.clone()
         out = self._hmm(block.contiguous())
+        out = self.reduce(out) if self.reduce is not None else out
         self.num_hvps += block.shape[1]
         return out + self.weight_decay * block if self.weight_decay else out
 
