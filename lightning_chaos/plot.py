@@ -55,6 +55,17 @@ def learning_rate(series: Series, prefix: str = "chaos/") -> tuple[str, tuple[li
     return (monitored[0], series[monitored[0]]) if monitored else None
 
 
+def _save(fig: plt.Figure, ax: plt.Axes, path: str | Path, title: str) -> Path:
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_curvature(series: Series, path: str | Path, prefix: str = "chaos/", title: str = "") -> Path:
     """λ, 1/h0 and the learning rate against step (log axis), like Figure 1 of the ICLR submission.
 
@@ -81,14 +92,7 @@ def plot_curvature(series: Series, path: str | Path, prefix: str = "chaos/", tit
         ax.plot(
             steps, [v / 2 for v in values], "--", color="tab:green", lw=1, label="lr/2 (edge of stability)"
         )
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.legend(fontsize=8)
-    ax.set_title(title or "controlled Lyapunov iteration")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, ax, path, title or "controlled Lyapunov iteration")
 
 
 def plot_loss(series: Series, path: str | Path, title: str = "") -> Path:
@@ -106,14 +110,7 @@ def plot_loss(series: Series, path: str | Path, title: str = "") -> Path:
     for tag in sorted(t for t in series if re.fullmatch(r"(train|val)/loss(_step|_epoch)?", t)):
         if tag != "train/loss_epoch":
             ax.plot(*series[tag], label=tag, lw=1)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.legend(fontsize=8)
-    ax.set_title(title or "loss")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, ax, path, title or "loss")
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
