@@ -1,5 +1,21 @@
+import socket
+import urllib.request
+
+import pytest
 import torch
 from torch import nn
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test (use it wherever code could download)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("test tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
 
 
 class Quadratic(nn.Module):

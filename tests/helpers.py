@@ -1,10 +1,13 @@
 """Small Lightning fixtures shared by the callback tests."""
 
+import re
 from collections import defaultdict
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import Logger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -85,3 +88,27 @@ def trainer(callbacks=(), logger=None, **kwargs):
     )
     defaults.update(kwargs)
     return pl.Trainer(callbacks=list(callbacks), **defaults)
+
+
+def layouts(logdir):
+    """The custom-scalars layouts written to the event files of one TensorBoard run directory."""
+    found = []
+    for file in logdir.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(file), size_guidance={"tensors": 0})
+        acc.Reload()
+        if "custom_scalars__config__" in acc.Tags()["tensors"]:
+            for event in acc.Tensors("custom_scalars__config__"):
+                layout = layout_pb2.Layout()
+                layout.ParseFromString(event.tensor_proto.string_val[0])
+                found.append(layout)
+    return found
+
+
+def charts(layout):
+    """``{chart title: [tag regexes]}`` of a custom-scalars layout."""
+    return {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+
+
+def matching(regexes, tags):
+    """The tags that TensorBoard's custom-scalars chart with these regexes would show."""
+    return {t for t in tags for rx in regexes if re.match(rx, t)}

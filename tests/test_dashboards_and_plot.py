@@ -1,11 +1,7 @@
-import re
-
 import lightning.pytorch as pl
-from helpers import TinyModule, loader, trainer
+from helpers import TinyModule, charts, layouts, loader, matching, trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.custom_scalar import layout_pb2
 
 from lightning_chaos import HessianEigenvalueMonitor, InverseCurvatureLR
 from lightning_chaos.dashboards import chaos_layout
@@ -20,31 +16,18 @@ def run(tmp_path, callbacks):
     return tmp_path / "run" / "version_0"
 
 
-def layouts(logdir):
-    found = []
-    for file in logdir.glob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(file), size_guidance={"tensors": 0})
-        acc.Reload()
-        if "custom_scalars__config__" in acc.Tags()["tensors"]:
-            for event in acc.Tensors("custom_scalars__config__"):
-                layout = layout_pb2.Layout()
-                layout.ParseFromString(event.tensor_proto.string_val[0])
-                found.append(layout)
-    return found
-
-
 def test_layout_written_once_and_its_tags_exist(tmp_path):
     logdir = run(
         tmp_path, [HessianEigenvalueMonitor(warmup_iters=3), InverseCurvatureLR(), LearningRateMonitor()]
     )
     [layout] = layouts(logdir)  # two chaos callbacks, one layout
-    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
-    assert charts == {title: spec[1] for title, spec in chaos_layout()["lightning_chaos"].items()}
+    written = charts(layout)
+    assert written == {title: spec[1] for title, spec in chaos_layout()["lightning_chaos"].items()}
     tags = set(read_scalars(logdir))
     assert {"chaos/h0", "chaos/inv_h0", "chaos/lyapunov_exponent", "chaos/lr", "chaos/beta"} <= tags
     assert "lr-SGD" in tags and "train/loss" in tags
     for title, least in [("lambda, 1/h0 and lr (Fig. 1)", 4), ("loss", 1), ("eigenvalues", 3)]:
-        matched = {t for t in tags for rx in charts[title] if re.match(rx, t)}  # the regexes match real tags
+        matched = matching(written[title], tags)  # the regexes match real tags
         assert len(matched) >= least, (title, matched)
 
 

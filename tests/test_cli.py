@@ -1,0 +1,223 @@
+"""The ``lightning-chaos`` CLI and every YAML config in ``examples/``.
+
+The config runs are one ``fast_dev_run`` step each, with an override file composed after the configs (as
+a user would): the curvature warm-up capped at one iteration (a ResNet-18 gradient costs up to seconds on
+a busy 2-core CPU), and, for configs that download (CIFAR-10), ``SyntheticDataModule`` data of the
+configured datamodule's shape and class count. The quasi-Newton training test runs its config unchanged.
+"""
+
+import importlib
+import inspect
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import charts, layouts, matching
+
+from lightning_chaos import HessianEigenvalueMonitor, InverseCurvatureLR
+from lightning_chaos.cli import ChaosCLI, main
+from lightning_chaos.data import DigitsDataModule
+from lightning_chaos.plot import read_scalars
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+CONFIGS = sorted(EXAMPLES.glob("*.yaml"))
+BASES = [p for p in CONFIGS if "class_path" in yaml.safe_load(p.read_text()).get("model", {})]
+MIXINS = [p for p in CONFIGS if p not in BASES]
+EMBEDDED = ("lightning_chaos.data.DigitsDataModule", "lightning_chaos.data.SyntheticDataModule")
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+FAST_DEV_RUN = ["--trainer.fast_dev_run", "true", *QUIET]
+
+pytestmark = [
+    pytest.mark.usefixtures("no_network"),
+    pytest.mark.filterwarnings("ignore:.*(LeafSpec|litlogger|litmodels).*"),
+    pytest.mark.filterwarnings("ignore:.*args parameter is intended to run from within Python.*"),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small models: one intra-op thread is as fast, and does not stall when other processes share the CPU
+    (with 2 OpenMP threads on a loaded 2-core machine the quasi-Newton test took 69 s instead of 3 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """Default log directories (chaos_logs/, lightning_logs/) land in tmp_path."""
+    monkeypatch.chdir(tmp_path)
+
+
+def load(class_path):
+    module, name = class_path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+def fast(configs, tmp_path):
+    """``--config`` arguments for ``configs`` plus an override: warm-up capped, no download."""
+    data, callbacks = None, []
+    for config in configs:  # what the composition resolves to: the last config that sets a key wins
+        cfg = yaml.safe_load(config.read_text())
+        data = cfg.get("data", data)
+        callbacks = cfg.get("trainer", {}).get("callbacks", callbacks)
+    capped = []
+    for entry in callbacks:
+        entry = {"init_args": {}, **entry}
+        if "warmup_iters" in inspect.signature(load(entry["class_path"])).parameters:
+            entry["init_args"] = {**entry["init_args"], "warmup_iters": 1}
+        capped.append(entry)
+    override = {"trainer": {"callbacks": capped}}
+    if data["class_path"] not in EMBEDDED:
+        datamodule = load(data["class_path"])(**data.get("init_args", {}))  # constructing never downloads
+        override["data"] = {
+            "class_path": "lightning_chaos.data.SyntheticDataModule",
+            "init_args": {
+                "input_shape": list(datamodule.input_shape),
+                "num_classes": datamodule.num_classes,
+                "num_samples": 4,
+                "num_val_samples": 2,
+                "batch_size": 2,
+            },
+        }
+    path = tmp_path / "fast.yaml"
+    path.write_text(yaml.safe_dump(override))
+    return [arg for config in [*configs, path] for arg in ("--config", str(config))]
+
+
+def test_examples_are_all_covered():
+    names = {p.name for p in CONFIGS}
+    assert {"digits_mlp_fixed_lr.yaml", "digits_mlp_cyclic_lr.yaml", "digits_mlp_quasi_newton.yaml"} <= names
+    assert {
+        "cifar2_linear_mse.yaml",
+        "cifar2_mlp.yaml",
+        "cifar2_lenet1.yaml",
+        "cifar2_small_resnet.yaml",
+    } <= names
+    assert {"cifar10_resnet18.yaml", "mse.yaml", "cyclic_lr.yaml", "quasi_newton.yaml"} <= names
+    assert len(BASES) == 8 and len(MIXINS) == 3
+
+
+@pytest.mark.parametrize("config", BASES, ids=lambda p: p.stem)
+def test_example_config_runs(config, tmp_path):
+    main(["fit", *fast([config], tmp_path), *FAST_DEV_RUN])
+
+
+@pytest.mark.parametrize("mixin", MIXINS, ids=lambda p: p.stem)
+def test_mixin_composes_with_a_cifar_config(mixin, tmp_path):
+    base = EXAMPLES / "cifar2_lenet1.yaml"
+    main(["fit", *fast([base, mixin], tmp_path), *FAST_DEV_RUN])
+    cli = ChaosCLI(args=["--config", str(base), "--config", str(mixin)], run=False)
+    expected = {
+        "mse": lambda: cli.model.hparams.loss == "mse",
+        "cyclic_lr": lambda: cli.model.hparams.lr_schedule == "cyclic",
+        "quasi_newton": lambda: (
+            [type(c) for c in cli.trainer.callbacks if "chaos" in type(c).__module__] == [InverseCurvatureLR]
+        ),
+    }
+    assert expected[mixin.stem]()
+    assert isinstance(cli.model.net, load("lightning_chaos.models.LeNet1"))
+
+
+def test_validate_and_test_subcommands_and_the_defaults():
+    for subcommand in ("validate", "test"):
+        main([subcommand, "--config", str(EXAMPLES / "digits_mlp_fixed_lr.yaml"), *FAST_DEV_RUN])
+    cli = ChaosCLI(args=["fit", *FAST_DEV_RUN])  # no config: digits MLP
+    assert isinstance(cli.datamodule, DigitsDataModule) and cli.model.num_classes == 10
+
+
+def test_print_config_round_trips(tmp_path, capsys):
+    config = EXAMPLES / "digits_mlp_quasi_newton.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    resolved = yaml.safe_load(printed)
+    assert resolved["model"]["class_path"] == "lightning_chaos.models.Classifier"
+    assert resolved["model"]["init_args"]["net"]["init_args"]["hidden"] == [64, 64, 64]
+    assert resolved["trainer"]["callbacks"][0]["init_args"]["scale"] == 1.0
+    assert resolved["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.TensorBoardLogger"
+    (tmp_path / "printed.yaml").write_text(printed)
+    main(["fit", *fast([tmp_path / "printed.yaml"], tmp_path), *FAST_DEV_RUN])
+
+
+@pytest.mark.parametrize(
+    "args, key, listed",
+    [
+        (["--model", "lightning_chaos.models.Nope"], "model", "lightning_chaos.models.Classifier"),
+        (["--model", "lightning_chaos.models.MLP"], "model", "lightning_chaos.models.Classifier"),
+        (["--model.init_args.net", "lightning_chaos.models.Nope"], "model", "lightning_chaos.models.MLP"),
+        (["--data", "lightning_chaos.data.Nope"], "data", "lightning_chaos.data.DigitsDataModule"),
+        (
+            ["--trainer.callbacks+=lightning_chaos.Nope"],
+            "trainer.callbacks",
+            "lightning_chaos.InverseCurvatureLR",
+        ),
+    ],
+)
+def test_bad_class_path_is_a_clear_error(args, key, listed, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    given = args[-1].split("=")[-1]
+    assert f'Parser key "{key}"' in err and given in err, err
+    assert "Classes of lightning_chaos that a config can name" in err and listed in err
+
+
+def test_num_classes_comes_from_the_datamodule():
+    two = ["--data.init_args.classes", "[3, 5]"]
+    cli = ChaosCLI(args=[*two, "--model.init_args.net.init_args.out_features", "2"], run=False)
+    assert cli.datamodule.num_classes == 2 and cli.model.num_classes == 2
+    with pytest.raises(ValueError, match=r"expected \(batch, 2\)"):  # 10 outputs for 2 classes
+        main(["fit", *two, *FAST_DEV_RUN])
+
+
+def test_num_classes_cannot_be_set_by_hand(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.init_args.num_classes", "3"])
+    assert "num_classes=3 cannot be set: it is taken from the datamodule" in capsys.readouterr().err
+
+
+def test_quasi_newton_config_trains_on_digits_and_writes_the_dashboard(tmp_path):
+    """No lr given: InverseCurvatureLR sets it from step 0. Loss falls, accuracy far above chance."""
+    cli = ChaosCLI(
+        args=[
+            "fit",
+            "--config",
+            str(EXAMPLES / "digits_mlp_quasi_newton.yaml"),
+            "--trainer.max_epochs",
+            "3",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "logs"),
+            "--trainer.enable_checkpointing",
+            "false",
+            *QUIET,
+        ]
+    )
+    logdir = Path(cli.trainer.logger.log_dir)
+    assert (logdir / "config.yaml").is_file()
+    series = read_scalars(logdir)
+    steps, lrs = series["chaos/lr"]
+    assert steps[0] == 0 and len(steps) == 3 * 12  # the very first update already used 1/h0
+    assert lrs[0] == pytest.approx(1 / series["chaos/h0"][1][0], rel=1e-5) and lrs[0] != cli.model.hparams.lr
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(lrs[-1])
+    assert all(math.isfinite(v) and v > 0 for v in lrs)
+    first, losses = series["train/loss_step"][1][0], series["train/loss_epoch"][1]
+    assert first == pytest.approx(math.log(10), rel=0.1)  # untrained
+    assert losses[-1] < losses[0] and losses[-1] < 0.4 * first
+    assert series["val/acc"][1][-1] > 0.7  # chance is 0.1
+
+    [layout] = layouts(logdir)  # the dashboard, from the event files
+    written = charts(layout)
+    tags = set(series)
+    assert {"train/loss_step", "train/loss_epoch", "val/loss"} <= matching(written["loss"], tags)
+    figure_1 = matching(written["lambda, 1/h0 and lr (Fig. 1)"], tags)
+    assert figure_1 == {"chaos/lyapunov_exponent", "chaos/inv_h0", "chaos/lr"}
+    assert {"chaos/h0", "chaos/h0_rayleigh", "chaos/h0_ema"} <= matching(written["eigenvalues"], tags)
+    owned = cli.trainer.callbacks[[type(c) for c in cli.trainer.callbacks].index(InverseCurvatureLR)]
+    assert isinstance(owned.monitor, HessianEigenvalueMonitor) and owned.monitor.warmup_iterations > 0
+    assert torch.isfinite(torch.tensor(series["chaos/inv_h0"][1])).all()
