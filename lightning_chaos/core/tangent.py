@@ -395,7 +395,11 @@ class FiniteTimeLyapunov:
         return float(self.exponents()[0])
 
     def record_max_lle(self, lle_max: float) -> None:
-        """Record one step's largest local Lyapunov exponent ``max_i LLE_i(t)`` for :meth:`mlce_bound`."""
+        """Record one step's largest local Lyapunov exponent ``max_i LLE_i(t)`` for :meth:`mlce_bound`.
+
+        The bound needs ``log ‖J_t‖₂``, which equals the largest LLE for plain SGD (``J_t`` symmetric). With
+        momentum ``J_t`` is not normal: record ``spectrum.log_tangent_map_norm(...)`` instead.
+        """
         self._lle_max_sum += float(lle_max)
         self._num_lle += 1
 
