@@ -172,17 +172,38 @@ class StepProbe:
             self.cache["hessian"] = HessianOperator(self.loss, self.loss.params, reduce=self.loss.reduce)
         return self.cache["hessian"]
 
-    def eigh(self) -> tuple[Tensor, Tensor]:
-        """Exact ``(eigenvalues ascending (N,), eigenvectors (N, N))`` of ``H``, computed once per step.
+    def dense(self) -> Tensor:
+        """Exact dense symmetric Hessian ``(N, N)`` of the probe's loss at θ (DDP-averaged), once per step.
 
-        Dense (``torch.func.hessian`` + ``eigh``): O(N²) memory and O(N³) time, for small models only.
+        ``torch.func.hessian`` (N forward-over-reverse products), symmetrised: O(N²) memory, small models.
         """
-        if "eigh" not in self.cache:
+        if "dense" not in self.cache:
             dense = dense_hessian(self.loss, self.loss.params)
             if self.loss.reduce is not None:
                 dense = self.loss.reduce(dense)
-            self.cache["eigh"] = torch.linalg.eigh(0.5 * (dense + dense.T))
+            self.cache["dense"] = 0.5 * (dense + dense.T)
+        return self.cache["dense"]
+
+    def eigh(self) -> tuple[Tensor, Tensor]:
+        """Exact ``(eigenvalues ascending (N,), eigenvectors (N, N))`` of ``H``, computed once per step.
+
+        Dense (:meth:`dense` + ``eigh``): O(N²) memory and O(N³) time, for small models only.
+        """
+        if "eigh" not in self.cache:
+            self.cache["eigh"] = torch.linalg.eigh(self.dense())
         return self.cache["eigh"]
+
+    def eigvalsh(self) -> Tensor:
+        """Exact eigenvalues of ``H``, ascending ``(N,)``, once per step.
+
+        Taken from :meth:`eigh` when a callback earlier in the list needed the eigenvectors this step, else
+        from ``eigvalsh`` (cheaper: no eigenvectors).
+        """
+        if "eigh" in self.cache:
+            return self.cache["eigh"][0]
+        if "eigvalsh" not in self.cache:
+            self.cache["eigvalsh"] = torch.linalg.eigvalsh(self.dense())
+        return self.cache["eigvalsh"]
 
     def g0(self) -> Tensor:
         """Gradient ``g(θ)`` of the probe's loss, ``(N,)``: the training gradient when reusable."""
