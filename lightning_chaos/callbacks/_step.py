@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lightning_chaos.core.params import flatten
 from lightning_chaos.core.probe import FunctionalLoss, RNGState
-from lightning_chaos.core.spectrum import HessianOperator, dense_hessian
+from lightning_chaos.core.spectrum import HessianOperator
 from lightning_chaos.core.tangent import SGDHyperparameters, sgd_hyperparameters
 
 _RECORD = "_lightning_chaos_record"
@@ -175,12 +175,12 @@ class StepProbe:
     def dense(self) -> Tensor:
         """Exact dense symmetric Hessian ``(N, N)`` of the probe's loss at θ (DDP-averaged), once per step.
 
-        ``torch.func.hessian`` (N forward-over-reverse products), symmetrised: O(N²) memory, small models.
+        N exact Hessian-vector products of :meth:`hessian` in batched blocks (double backward through the
+        step's gradient graph, several times faster than ``torch.func.hessian`` for MLPs on CPU),
+        symmetrised: O(N²) memory, small models.
         """
         if "dense" not in self.cache:
-            dense = dense_hessian(self.loss, self.loss.params)
-            if self.loss.reduce is not None:
-                dense = self.loss.reduce(dense)
+            dense = self.hessian().to_dense()
             self.cache["dense"] = 0.5 * (dense + dense.T)
         return self.cache["dense"]
 

@@ -187,6 +187,8 @@ def test_hessian_operator_matches_dense_hessian(method):
     assert op.num_hvps == 1 + 4 + 1 + 4
     torch.testing.assert_close(op.to_dense(), exact, rtol=0, atol=1e-12)
     assert op.num_hvps == 10 + n
+    for chunk_size in (None, 1, 7):  # blocks of any width, the last one partial
+        torch.testing.assert_close(op.to_dense(chunk_size), exact, rtol=0, atol=1e-12)
 
 
 def test_hessian_operator_snapshots_parameters():
