@@ -266,3 +266,13 @@ def test_tensorboard_layout_charts_match_the_logged_tags(tmp_path):
     ]:
         matched = {t for t in tags for rx in charts[title][1] if re.match(rx, t)}
         assert len(matched) >= least, (title, matched)
+
+
+@pytest.mark.parametrize("method", ["exact", "lanczos"])
+def test_without_overlaps_only_counts_and_exponents_are_computed(method):
+    monitor = LyapunovSpectrumMonitor(every_n_steps=1, method=method, overlaps=False, slq_steps=12)
+    _, logged = run_planted(monitor, max_steps=1, lr=0.2)
+    values = at(logged)
+    assert values["lle_max"] == pytest.approx(math.log(3.0), abs=1e-9)
+    assert not any(k.startswith(("grad_overlap", "chaotic_")) for k in values)
+    assert monitor.reference_basis is None
