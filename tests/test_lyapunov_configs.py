@@ -25,7 +25,13 @@ DOWNLOADED = {
 def cli(config, *overrides):
     return LightningCLI(
         run=False,
-        args=["--config", str(EXAMPLES / config), "--trainer.logger=false", *overrides],
+        args=[
+            "--config",
+            str(EXAMPLES / config),
+            "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false",
+            *overrides,
+        ],
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=None,
