@@ -2,7 +2,8 @@
 
 TensorBoard's *Custom Scalars* tab then shows, per run: λ, 1/h0 and the learning rate on one chart (the
 ICLR submission's Figure 1; switch the chart to a log axis in the UI, the layout format has no axis
-setting), the losses, the eigenvalue estimates, the chaos counts and the Lyapunov exponents.
+setting), the losses, the eigenvalue estimates, the chaos counts, the Lyapunov exponents and the
+gradient / chaotic-subspace overlaps.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ def chaos_layout(prefix: str = "chaos/") -> dict[str, dict[str, list]]:
                 "Multiline",
                 [f"{p}h0$", f"{p}h0_rayleigh$", f"{p}h0_ema$", f"{p}h_top.*", f"{p}h_min.*"],
             ],
-            "chaos counts": ["Multiline", [f"{p}n_(chaotic|edge|stable|negative|positive)$"]],
+            "chaos counts": ["Multiline", [f"{p}n_(chaotic|edge|stable|negative|positive|zero)$"]],
             "Lyapunov exponents": ["Multiline", [f"{p}lle_.*", f"{p}mlce.*", f"{p}ftle.*"]],
+            "gradient and subspace overlaps": ["Multiline", [f"{p}grad_overlap_.*", f"{p}chaotic_overlap.*"]],
         }
     }
 

@@ -112,3 +112,49 @@ def charts(layout):
 def matching(regexes, tags):
     """The tags that TensorBoard's custom-scalars chart with these regexes would show."""
     return {t for t in tags for rx in regexes if re.match(rx, t)}
+
+
+class QuadraticModule(pl.LightningModule):
+    """L(θ) = ½ θᵀAθ + bᵀθ with a planted spectrum h (A = U diag(h) Uᵀ, U = I with ``diagonal``), float64.
+
+    The Hessian is A on every batch (the batch is ignored), so every LLE, count and tangent map is known
+    in closed form. Trained with ``torch.optim.SGD(lr, momentum, dampening, weight_decay)``.
+    """
+
+    def __init__(
+        self, eigenvalues, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, diagonal=False, seed=0
+    ):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        h = torch.as_tensor(eigenvalues, dtype=torch.float64)
+        n = h.numel()
+        if diagonal:
+            u = torch.eye(n, dtype=torch.float64)
+        else:
+            q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+            u = q * torch.sign(torch.diagonal(r))
+        self.eigenvalues, self.eigenvectors = h, u
+        self.register_buffer("A", (u * h) @ u.T)
+        self.register_buffer("b", torch.randn(n, generator=gen, dtype=torch.float64))
+        self.theta = nn.Parameter(torch.randn(n, generator=gen, dtype=torch.float64) * 0.1)
+        self.hparams_sgd = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
+
+    def curvature_loss(self, batch):
+        return 0.5 * self.theta @ self.A @ self.theta + self.b @ self.theta
+
+    def training_step(self, batch, batch_idx):
+        return self.curvature_loss(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), **self.hparams_sgd)
+
+
+class Exploding(TinyModule):
+    """A quartic loss at a huge learning rate: weights overflow to inf and the Hessian to inf/NaN."""
+
+    def __init__(self):
+        super().__init__(lr=10.0, momentum=0.0)
+
+    def _loss(self, batch):
+        x, _ = batch
+        return self.net(x).pow(4).mean()

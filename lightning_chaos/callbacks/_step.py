@@ -27,7 +27,8 @@ from torch import Tensor
 
 from lightning_chaos.core.params import flatten
 from lightning_chaos.core.probe import FunctionalLoss, RNGState
-from lightning_chaos.core.spectrum import HessianOperator, dense_hessian
+from lightning_chaos.core.spectrum import HessianOperator
+from lightning_chaos.core.tangent import SGDHyperparameters, sgd_hyperparameters
 
 _RECORD = "_lightning_chaos_record"
 
@@ -58,6 +59,46 @@ def check_supported(trainer: pl.Trainer, pl_module: pl.LightningModule, owner: s
             f"{owner} under manual optimization needs `curvature_loss(batch)` on the LightningModule: its "
             "`training_step` steps the optimizer itself and cannot be re-evaluated as a loss."
         )
+
+
+def sgd_of(optimizer: torch.optim.Optimizer, owner: str) -> SGDHyperparameters:
+    """γ, μ, τ, Nesterov and weight decay of the coming update (see ``core.tangent.sgd_hyperparameters``).
+
+    Call from ``on_before_optimizer_step`` for the rate of this step's update (schedulers step after it;
+    a callback that writes ``lr`` in the same hook must come earlier in the callback list).
+
+    Args:
+        optimizer: the optimizer Lightning is about to step.
+        owner: name of the callback, for the message.
+
+    Returns:
+        The hyper-parameters shared by all param groups.
+
+    Raises:
+        MisconfigurationException: not a ``torch.optim.SGD``, ``maximize=True``, param groups with
+            different hyper-parameters, or values the SGD tangent-map formulas do not cover.
+    """
+    try:
+        return sgd_hyperparameters(optimizer)
+    except (TypeError, ValueError) as err:
+        raise MisconfigurationException(f"{owner} models the torch.optim.SGD update: {err}.") from err
+
+
+def check_sgd(trainer: pl.Trainer, owner: str) -> None:
+    """Raise at fit start unless the Trainer has exactly one optimizer, a ``torch.optim.SGD`` (see sgd_of).
+
+    Args:
+        trainer: the trainer (call from ``on_fit_start``, when the optimizers exist).
+        owner: name of the callback, for the message.
+
+    Raises:
+        MisconfigurationException: as :func:`sgd_of`, or several optimizers.
+    """
+    if len(trainer.optimizers) != 1:
+        raise MisconfigurationException(
+            f"{owner} needs exactly one optimizer (a torch.optim.SGD), got {len(trainer.optimizers)}."
+        )
+    sgd_of(trainer.optimizers[0], owner)
 
 
 @dataclass
@@ -131,17 +172,38 @@ class StepProbe:
             self.cache["hessian"] = HessianOperator(self.loss, self.loss.params, reduce=self.loss.reduce)
         return self.cache["hessian"]
 
+    def dense(self) -> Tensor:
+        """Exact dense symmetric Hessian ``(N, N)`` of the probe's loss at θ (DDP-averaged), once per step.
+
+        N exact Hessian-vector products of :meth:`hessian` in batched blocks (double backward through the
+        step's gradient graph, several times faster than ``torch.func.hessian`` for MLPs on CPU),
+        symmetrised: O(N²) memory, small models.
+        """
+        if "dense" not in self.cache:
+            dense = self.hessian().to_dense()
+            self.cache["dense"] = 0.5 * (dense + dense.T)
+        return self.cache["dense"]
+
     def eigh(self) -> tuple[Tensor, Tensor]:
         """Exact ``(eigenvalues ascending (N,), eigenvectors (N, N))`` of ``H``, computed once per step.
 
-        Dense (``torch.func.hessian`` + ``eigh``): O(N²) memory and O(N³) time, for small models only.
+        Dense (:meth:`dense` + ``eigh``): O(N²) memory and O(N³) time, for small models only.
         """
         if "eigh" not in self.cache:
-            dense = dense_hessian(self.loss, self.loss.params)
-            if self.loss.reduce is not None:
-                dense = self.loss.reduce(dense)
-            self.cache["eigh"] = torch.linalg.eigh(0.5 * (dense + dense.T))
+            self.cache["eigh"] = torch.linalg.eigh(self.dense())
         return self.cache["eigh"]
+
+    def eigvalsh(self) -> Tensor:
+        """Exact eigenvalues of ``H``, ascending ``(N,)``, once per step.
+
+        Taken from :meth:`eigh` when a callback earlier in the list needed the eigenvectors this step, else
+        from ``eigvalsh`` (cheaper: no eigenvectors).
+        """
+        if "eigh" in self.cache:
+            return self.cache["eigh"][0]
+        if "eigvalsh" not in self.cache:
+            self.cache["eigvalsh"] = torch.linalg.eigvalsh(self.dense())
+        return self.cache["eigvalsh"]
 
     def g0(self) -> Tensor:
         """Gradient ``g(θ)`` of the probe's loss, ``(N,)``: the training gradient when reusable."""

@@ -46,10 +46,12 @@ __all__ = [
     "lanczos",
     "lanczos_eigenpairs",
     "local_lyapunov_exponents",
+    "log_tangent_map_norm",
     "slq",
     "slq_count",
     "slq_count_bounds",
     "slq_density",
+    "slq_spectral_count_bounds",
     "slq_spectral_counts",
     "spectral_counts",
     "stability_interval",
@@ -258,9 +260,24 @@ class HessianOperator:
     def __matmul__(self, x: Tensor) -> Tensor:
         return self.matvec(x) if x.ndim == 1 else self.matmat(x)
 
-    def to_dense(self) -> Tensor:
-        """Dense ``(N, N)`` matrix ``A = A I`` from N Hessian-vector products (symmetric up to rounding)."""
-        return self.matmat(torch.eye(self.shape[0], dtype=self.dtype, device=self.device))
+    def to_dense(self, chunk_size: int | None = 256) -> Tensor:
+        """Dense ``(N, N)`` matrix ``A = A I`` from N Hessian-vector products (symmetric up to rounding).
+
+        The identity is applied in blocks of ``chunk_size`` columns (``None``: all at once), which bounds the
+        memory of the batched products. Measured on CPU (1 thread, batch 64): a 64-16-10 MLP (N = 1,210)
+        takes 0.13 s in blocks of 256, 0.19 s in one block, 0.74 s with :func:`dense_hessian`; a small CNN
+        (N = 666) 1.6 s against 1.3 s.
+
+        Args:
+            chunk_size: columns per batched product.
+
+        Returns:
+            The ``(N, N)`` matrix, in the operator's dtype and device.
+        """
+        n = self.shape[0]
+        eye = torch.eye(n, dtype=self.dtype, device=self.device)
+        step = n if chunk_size is None else max(1, int(chunk_size))
+        return torch.cat([self.matmat(eye[:, i : i + step]) for i in range(0, n, step)], dim=1)
 
 
 def dense_hessian(loss_fn: LossFn, params: Sequence[Tensor]) -> Tensor:
@@ -730,6 +747,63 @@ def local_lyapunov_exponents(
     return torch.log(radius).to(out_dtype)
 
 
+def log_tangent_map_norm(
+    eigenvalues: Tensor,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    *,
+    first_step: bool = False,
+) -> float:
+    """Log spectral norm ``log ‖J‖₂`` of the one-step SGD tangent map, from the Hessian eigenvalues.
+
+    Every block of ``J`` (:func:`lightning_chaos.core.tangent.sgd_tangent_map`) is a polynomial in
+    ``H̃ = H + wd·I``, so in the eigenbasis of H (applied to δθ and δv alike, an orthogonal change of
+    basis) ``J`` splits into one block ``B(h̃)`` per eigenvalue and ``‖J‖₂ = max_i ‖B(h̃_i)‖₂``:
+
+        μ = 0:      B = 1 − γh̃                                   (‖B‖ = |1 − γh̃| = exp(LLE))
+        heavy ball: B = [[1 − γ(1 − τ)h̃, −γμ], [(1 − τ)h̃, μ]]      (τ = 0 with ``first_step``)
+        Nesterov:   B = [[1 − γ(1 + μ)h̃, −γμ²], [h̃, μ]]
+
+    with ``‖[[a, b], [c, d]]‖₂ = (√((a + d)² + (c − b)²) + √((a − d)² + (b + c)²)) / 2``. The block norm is
+    convex in h̃ (B is affine in it), so the maximum sits at the smallest or the largest eigenvalue:
+    passing only the two extremes gives the same value.
+
+    By submultiplicativity ``log ‖J_T ⋯ J_1‖ ≤ Σ_t log ‖J_t‖``: the time average of this quantity bounds
+    the finite-time maximal Lyapunov exponent at every T (seed 001, A.6). For μ = 0 it is the largest
+    LLE of :func:`local_lyapunov_exponents`; with momentum ``J`` is not normal and the norm exceeds the
+    spectral radius (the largest LLE), which is then no bound.
+
+    Args:
+        eigenvalues: Hessian eigenvalues h (without weight decay), any shape, at least one.
+        lr: learning rate γ.
+        momentum: momentum μ.
+        dampening: dampening τ (ignored when μ = 0).
+        nesterov: Nesterov momentum.
+        weight_decay: wd.
+        first_step: the map of torch's first step with momentum (buffer created without dampening).
+
+    Returns:
+        ``max_i log ‖B(h̃_i)‖₂`` (``-inf`` if J = 0).
+    """
+    validate_sgd_hyperparameters(lr, momentum, dampening, nesterov, weight_decay)
+    if eigenvalues.numel() == 0:
+        raise ValueError("eigenvalues must contain at least one value")
+    h = eigenvalues.to(torch.float64).reshape(-1) + weight_decay
+    if momentum == 0:
+        return float(torch.log((1 - lr * h).abs().max()))
+    if nesterov:
+        a, b, c = 1 - lr * (1 + momentum) * h, -lr * momentum**2, h
+    else:
+        keep = 1.0 if first_step else 1.0 - dampening
+        a, b, c = 1 - lr * keep * h, -lr * momentum, keep * h
+    d = momentum
+    norm = (torch.sqrt((a + d) ** 2 + (c - b) ** 2) + torch.sqrt((a - d) ** 2 + (b + c) ** 2)) / 2
+    return float(torch.log(norm.max()))
+
+
 def classify_eigenvalues(
     eigenvalues: Tensor,
     lr: float,
@@ -816,6 +890,87 @@ def spectral_counts(
         eigenvalues, lr, tolerance, momentum, dampening, nesterov, weight_decay, scale=scale
     )
     return {f"n_{name}": int(mask.sum()) for name, mask in masks.items()}
+
+
+def slq_spectral_count_bounds(
+    nodes: Tensor,
+    weights: Tensor,
+    dim: int,
+    lr: float,
+    tolerance: float = DEFAULT_TOLERANCE,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    *,
+    scale: float | None = None,
+) -> dict[str, tuple[float, float]]:
+    """Quadrature brackets ``(low, high)`` of the counts of :func:`slq_spectral_counts`.
+
+    Each class is a union of intervals of h bounded by ``b₀ = −wd`` (curvature 0) and ``b_u = u − wd``
+    (the stability edge), widened by ``ε = tolerance · scale``:
+
+        negative: h < b₀ − ε            positive: h > b₀ + ε          zero: |h − b₀| ≤ ε
+        chaotic:  h < b₀ − ε  or  h > b_u + ε                         stable: b₀ + ε < h < b_u − ε
+        edge:     the rest (N minus chaotic minus stable)
+
+    Per probe, the Chebyshev–Markov–Stieltjes inequalities bracket the spectral distribution function at
+    each endpoint by the weights of the adjacent nodes (as :func:`slq_count_bounds`); the bracket of a
+    union or complement follows by interval arithmetic, is clipped to ``[0, 1]`` per probe and averaged.
+    It brackets the Hutchinson estimate with exact quadrature, not the probe noise.
+
+    Args:
+        nodes: ``(P, m)`` quadrature nodes from :func:`slq`.
+        weights: ``(P, m)`` quadrature weights.
+        dim: N.
+        lr: learning rate γ.
+        tolerance: edge half-width relative to ``scale``.
+        momentum: momentum μ.
+        dampening: dampening τ.
+        nesterov: Nesterov momentum.
+        weight_decay: wd.
+        scale: reference magnitude; default as :func:`slq_spectral_counts`.
+
+    Returns:
+        ``{"n_chaotic", "n_edge", "n_stable", "n_negative", "n_positive", "n_zero"}`` → ``(low, high)``
+        with ``0 ≤ low ≤ high ≤ N``.
+
+    Raises:
+        ValueError: ``2ε ≥ u`` (the two edge bands overlap and the classes are not intervals).
+    """
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be non-negative, got {tolerance}")
+    _, upper = stability_interval(lr, momentum, dampening, nesterov)
+    validate_sgd_hyperparameters(lr, momentum, dampening, nesterov, weight_decay)
+    if scale is None:
+        support = nodes[weights > 0]
+        scale = float(support.abs().max()) if support.numel() else 0.0
+    eps = tolerance * scale
+    if 2 * eps >= upper:
+        raise ValueError(f"the edge bands overlap: 2 * tolerance * scale = {2 * eps} >= u = {upper}")
+    zero, edge = -weight_decay, upper - weight_decay
+
+    def below(t: float, strict: bool) -> tuple[Tensor, Tensor]:  # bracket of F(t−) or F(t) per probe
+        return _cdf_bracket(nodes, weights, t, strict)
+
+    neg = below(zero - eps, strict=True)
+    not_pos = below(zero + eps, strict=False)
+    pos = (1 - not_pos[1], 1 - not_pos[0])
+    not_above = below(edge + eps, strict=False)
+    above = (1 - not_above[1], 1 - not_above[0])
+    stable_top = below(edge - eps, strict=True)
+    brackets = {
+        "chaotic": (neg[0] + above[0], neg[1] + above[1]),
+        "stable": (stable_top[0] - not_pos[1], stable_top[1] - not_pos[0]),
+        "negative": neg,
+        "positive": pos,
+        "zero": (not_pos[0] - neg[1], not_pos[1] - neg[0]),
+    }
+    brackets = {k: (lo.clamp(0, 1), hi.clamp(0, 1)) for k, (lo, hi) in brackets.items()}
+    chaotic, stable = brackets["chaotic"], brackets["stable"]
+    brackets["edge"] = ((1 - chaotic[1] - stable[1]).clamp(0, 1), (1 - chaotic[0] - stable[0]).clamp(0, 1))
+    order = ("chaotic", "edge", "stable", "negative", "positive", "zero")
+    return {f"n_{k}": (float(dim * brackets[k][0].mean()), float(dim * brackets[k][1].mean())) for k in order}
 
 
 def slq_spectral_counts(

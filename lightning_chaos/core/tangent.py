@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,7 +31,10 @@ from torch import Tensor
 
 __all__ = [
     "FiniteTimeLyapunov",
+    "SGDHyperparameters",
     "apply_tangent_map",
+    "sgd_first_step",
+    "sgd_hyperparameters",
     "sgd_tangent_map",
     "validate_sgd_hyperparameters",
 ]
@@ -69,6 +73,115 @@ def validate_sgd_hyperparameters(
         raise ValueError(f"weight_decay must be a non-negative finite number, got {weight_decay!r}")
     if nesterov and (momentum == 0 or dampening != 0):
         raise ValueError("nesterov=True requires momentum > 0 and dampening == 0 (as in torch.optim.SGD)")
+
+
+@dataclass(frozen=True)
+class SGDHyperparameters:
+    """The hyper-parameters that define the ``torch.optim.SGD`` update (module docstring) and its tangent map.
+
+    Attributes:
+        lr: learning rate γ.
+        momentum: momentum μ.
+        dampening: dampening τ (torch ignores it when μ = 0).
+        nesterov: Nesterov momentum.
+        weight_decay: L2 coefficient wd folded into the gradient (the map uses H + wd·I).
+    """
+
+    lr: float
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        validate_sgd_hyperparameters(self.lr, self.momentum, self.dampening, self.nesterov, self.weight_decay)
+
+    def map_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments after ``lr`` for the map functions of the core.
+
+        ``momentum``, ``dampening``, ``nesterov`` and ``weight_decay``, as taken by :func:`sgd_tangent_map`,
+        :func:`apply_tangent_map` and ``local_lyapunov_exponents``/``classify_eigenvalues``/
+        ``spectral_counts``/``stability_interval`` (the last without ``weight_decay``) of
+        :mod:`lightning_chaos.core.spectrum`.
+        """
+        return {
+            "momentum": self.momentum,
+            "dampening": self.dampening,
+            "nesterov": self.nesterov,
+            "weight_decay": self.weight_decay,
+        }
+
+
+_SGD_KEYS = ("lr", "momentum", "dampening", "nesterov", "weight_decay")
+
+
+def sgd_hyperparameters(optimizer: torch.optim.Optimizer) -> SGDHyperparameters:
+    """Read γ, μ, τ, Nesterov and weight decay from a ``torch.optim.SGD`` (its current param groups).
+
+    The learning rate is read as it is *now*: call this right before ``optimizer.step()`` (e.g. in a
+    callback's ``on_before_optimizer_step``) to get the rate of the coming update, after any scheduler or
+    callback changed it.
+
+    Args:
+        optimizer: the optimizer.
+
+    Returns:
+        The shared hyper-parameters of all param groups.
+
+    Raises:
+        TypeError: ``optimizer`` is not a ``torch.optim.SGD`` (another optimizer, or a wrapper around one,
+            performs another update with another tangent map).
+        ValueError: ``maximize=True``; param groups with different hyper-parameters (the map is then
+            ``I − Γ H`` with a non-scalar Γ, for which the per-eigenvalue formulas do not hold); values
+            outside the range of :func:`validate_sgd_hyperparameters`.
+    """
+    if not isinstance(optimizer, torch.optim.SGD):
+        raise TypeError(
+            f"the SGD tangent map needs a torch.optim.SGD optimizer, got {type(optimizer).__name__}: "
+            "other update rules (and wrappers that change the update) have other tangent maps"
+        )
+    groups = [g for g in optimizer.param_groups if g["params"]]
+    if not groups:
+        raise ValueError("the optimizer has no parameters")
+    if any(g.get("maximize", False) for g in groups):
+        raise ValueError("SGD with maximize=True is gradient ascent (tangent map I + γH): not supported")
+    first = groups[0]
+    for index, group in enumerate(groups[1:], start=1):
+        different = [k for k in _SGD_KEYS if float(group[k]) != float(first[k])]
+        if different:
+            raise ValueError(
+                f"param group {index} differs from group 0 in {', '.join(different)}: the tangent map of "
+                "per-group hyper-parameters is not I − γH; use one set of SGD hyper-parameters"
+            )
+    lr = first["lr"]
+    lr = float(lr.item()) if isinstance(lr, Tensor) else float(lr)
+    return SGDHyperparameters(
+        lr=lr,
+        momentum=float(first["momentum"]),
+        dampening=float(first["dampening"]),
+        nesterov=bool(first["nesterov"]),
+        weight_decay=float(first["weight_decay"]),
+    )
+
+
+def sgd_first_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the coming ``step()`` of a ``torch.optim.SGD`` with momentum initialises the buffer.
+
+    torch creates ``state[p]["momentum_buffer"]`` on a parameter's first update with ``v' = g̃`` (no
+    dampening), which is the ``first_step=True`` map of :func:`sgd_tangent_map`. Without momentum there
+    is no buffer and the answer is False (the map has no first-step variant).
+
+    Args:
+        optimizer: a ``torch.optim.SGD``.
+
+    Returns:
+        True if μ > 0 and some parameter of the optimizer has no momentum buffer yet.
+    """
+    return any(
+        group["momentum"] != 0 and optimizer.state.get(p, {}).get("momentum_buffer") is None
+        for group in optimizer.param_groups
+        for p in group["params"]
+    )
 
 
 def sgd_tangent_map(
@@ -282,7 +395,11 @@ class FiniteTimeLyapunov:
         return float(self.exponents()[0])
 
     def record_max_lle(self, lle_max: float) -> None:
-        """Record one step's largest local Lyapunov exponent ``max_i LLE_i(t)`` for :meth:`mlce_bound`."""
+        """Record one step's largest local Lyapunov exponent ``max_i LLE_i(t)`` for :meth:`mlce_bound`.
+
+        The bound needs ``log ‖J_t‖₂``, which equals the largest LLE for plain SGD (``J_t`` symmetric). With
+        momentum ``J_t`` is not normal: record ``spectrum.log_tangent_map_norm(...)`` instead.
+        """
         self._lle_max_sum += float(lle_max)
         self._num_lle += 1
 

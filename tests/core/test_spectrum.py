@@ -17,10 +17,12 @@ from lightning_chaos.core.spectrum import (
     lanczos,
     lanczos_eigenpairs,
     local_lyapunov_exponents,
+    log_tangent_map_norm,
     slq,
     slq_count,
     slq_count_bounds,
     slq_density,
+    slq_spectral_count_bounds,
     slq_spectral_counts,
     spectral_counts,
     stability_interval,
@@ -185,6 +187,8 @@ def test_hessian_operator_matches_dense_hessian(method):
     assert op.num_hvps == 1 + 4 + 1 + 4
     torch.testing.assert_close(op.to_dense(), exact, rtol=0, atol=1e-12)
     assert op.num_hvps == 10 + n
+    for chunk_size in (None, 1, 7):  # blocks of any width, the last one partial
+        torch.testing.assert_close(op.to_dense(chunk_size), exact, rtol=0, atol=1e-12)
 
 
 def test_hessian_operator_snapshots_parameters():
@@ -424,6 +428,36 @@ def test_slq_bounds_bracket_the_exact_probe_masses_of_a_relu_like_spectrum():
         assert low - 1e-9 <= slq_count(nodes, weights, h.numel(), lower, upper) <= high + 1e-9
 
 
+def test_slq_class_brackets_contain_the_exact_probe_masses_and_the_point_estimates():
+    gen = torch.Generator().manual_seed(6)
+    h = torch.cat(
+        [
+            -0.3 * torch.rand(60, generator=gen, dtype=F64) ** 2,
+            torch.zeros(80, dtype=F64),
+            2.0 * torch.rand(150, generator=gen, dtype=F64) ** 2,
+            torch.tensor([6.0, 9.0, 14.0, 25.0, 31.0], dtype=F64),
+        ]
+    )
+    a, u = planted(h, seed=7)
+    n = h.numel()
+    for kwargs in ({"lr": 0.1}, {"lr": 0.05, "momentum": 0.5, "weight_decay": 0.2}):
+        op = Recorder(a)
+        nodes, weights = slq(op, num_probes=8, num_steps=30, generator=torch.Generator().manual_seed(8))
+        mass = (u.T @ op.first_blocks[0]) ** 2  # (N, P) exact (v_iᵀ u_p)²
+        masks = classify_eigenvalues(h, scale=31.0, **kwargs)
+        bounds = slq_spectral_count_bounds(nodes, weights, n, scale=31.0, **kwargs)
+        estimate = slq_spectral_counts(nodes, weights, n, scale=31.0, **kwargs)
+        assert list(bounds) == ["n_chaotic", "n_edge", "n_stable", "n_negative", "n_positive", "n_zero"]
+        for name, mask in masks.items():
+            low, high = bounds[f"n_{name}"]
+            exact = float(n * mass[mask].sum(0).mean())
+            assert 0 <= low and high <= n, (kwargs, name, low, high)
+            assert low - 1e-9 <= exact <= high + 1e-9, (kwargs, name, low, exact, high)
+            assert low - 1e-9 <= estimate[f"n_{name}"] <= high + 1e-9, (kwargs, name)
+    with pytest.raises(ValueError, match="overlap"):
+        slq_spectral_count_bounds(nodes, weights, n, lr=0.1, tolerance=0.5)
+
+
 def test_slq_on_hessian_operator_counts_outliers_and_brackets_the_rest():
     loss_fn, params = mlp_loss(sizes=(6, 16, 16, 4), batch=32, act=torch.relu, seed=3)
     hess = dense_hessian(loss_fn, params)
@@ -466,6 +500,14 @@ def test_slq_density_integrates_to_one_and_matches_smoothed_spectrum():
 # ------------------------------------------------------------------ local Lyapunov exponents
 
 
+MOMENTUM_CASES_FOR_NORM = [
+    {"momentum": 0.9},
+    {"momentum": 0.5, "dampening": 0.3},
+    {"momentum": 0.9, "nesterov": True},
+    {"momentum": 0.6, "dampening": 0.5, "weight_decay": 0.1},
+]
+
+
 def test_plain_sgd_lle_are_log_singular_values_of_the_tangent_map():
     h = torch.tensor([-3.0, -0.2, 0.0, 0.4, 1.0, 3.9, 4.1, 7.0], dtype=F64)
     a, _ = planted(h, seed=9)
@@ -474,6 +516,24 @@ def test_plain_sgd_lle_are_log_singular_values_of_the_tangent_map():
     expected = torch.log(torch.linalg.svdvals(jac)).sort().values  # Λ = ½ log JᵀJ (seed 001, A.5)
     lle = local_lyapunov_exponents(h, lr, weight_decay=wd)
     torch.testing.assert_close(lle.sort().values, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("first_step", [False, True])
+@pytest.mark.parametrize("kwargs", [{}, {"weight_decay": 0.3}, *MOMENTUM_CASES_FOR_NORM])
+def test_log_tangent_map_norm_is_the_spectral_norm_of_the_explicit_map(kwargs, first_step):
+    h = torch.tensor([-2.0, -0.3, 0.0, 0.05, 0.5, 1.7, 3.0, 4.5, 9.0], dtype=F64)
+    a, _ = planted(h, seed=12)
+    lr = 0.3
+    jac = sgd_tangent_map(a, lr, first_step=first_step, **kwargs)
+    expected = float(torch.log(torch.linalg.matrix_norm(jac, ord=2)))
+    assert log_tangent_map_norm(h, lr, first_step=first_step, **kwargs) == pytest.approx(expected, abs=1e-10)
+    extremes = h[[0, -1]]  # the block norm is convex in h: the extremes decide
+    assert log_tangent_map_norm(extremes, lr, first_step=first_step, **kwargs) == pytest.approx(expected)
+    lle_max = float(local_lyapunov_exponents(h, lr, **kwargs).max())
+    if not kwargs.get("momentum"):
+        assert expected == pytest.approx(lle_max, abs=1e-12)  # normal map: norm = spectral radius
+    else:
+        assert expected > lle_max  # not normal: the largest LLE is no bound on one-step growth
 
 
 def test_lle_is_minus_infinity_where_the_map_annihilates_the_direction():

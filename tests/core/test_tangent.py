@@ -10,7 +10,10 @@ from lightning_chaos.core.params import flatten, unflatten
 from lightning_chaos.core.spectrum import HessianOperator, dense_hessian, local_lyapunov_exponents
 from lightning_chaos.core.tangent import (
     FiniteTimeLyapunov,
+    SGDHyperparameters,
     apply_tangent_map,
+    sgd_first_step,
+    sgd_hyperparameters,
     sgd_tangent_map,
     validate_sgd_hyperparameters,
 )
@@ -283,3 +286,47 @@ def test_finite_time_lyapunov_guards():
     assert ftl.exponents()[0] == pytest.approx(math.log(2.0))
     with pytest.raises(ValueError):
         FiniteTimeLyapunov(3, k=4)
+
+
+# ------------------------------------------------------------------ SGD hyper-parameters of an optimizer
+
+
+@pytest.mark.parametrize("kwargs", VARIANTS)
+def test_hyperparameters_read_from_sgd_give_the_map_of_its_step(kwargs):
+    like, lr = initial_params(), 0.3
+    params = [torch.nn.Parameter(p.clone()) for p in like]
+    optimizer = torch.optim.SGD(params, lr=lr, **kwargs)
+    hp = sgd_hyperparameters(optimizer)
+    expected = {"momentum": 0.0, "dampening": 0.0, "nesterov": False, "weight_decay": 0.0, **kwargs}
+    assert hp == SGDHyperparameters(lr=lr, **expected)
+    assert hp.map_kwargs() == expected
+    hessian = dense_hessian(batch_loss(0), like)
+    torch.testing.assert_close(
+        sgd_tangent_map(hessian, hp.lr, **hp.map_kwargs()), sgd_tangent_map(hessian, lr, **kwargs)
+    )
+
+
+def test_first_step_is_detected_from_the_momentum_buffer():
+    params = [torch.nn.Parameter(p.clone()) for p in initial_params()]
+    plain = torch.optim.SGD(params, lr=0.1)
+    heavy = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    assert not sgd_first_step(plain) and sgd_first_step(heavy)
+    batch_loss(0)(params).backward()
+    plain.step()
+    heavy.step()
+    assert not sgd_first_step(plain) and not sgd_first_step(heavy)
+
+
+def test_hyperparameters_of_unsupported_optimizers_are_clear_errors():
+    params = [torch.nn.Parameter(p.clone()) for p in initial_params()]
+    with pytest.raises(TypeError, match="Adam"):
+        sgd_hyperparameters(torch.optim.Adam(params))
+    with pytest.raises(ValueError, match="maximize"):
+        sgd_hyperparameters(torch.optim.SGD(params, lr=0.1, maximize=True))
+    groups = [{"params": params[:2]}, {"params": params[2:], "lr": 0.2, "weight_decay": 0.1}]
+    with pytest.raises(ValueError, match="lr, weight_decay"):
+        sgd_hyperparameters(torch.optim.SGD(groups, lr=0.1))
+    same = [{"params": params[:2]}, {"params": params[2:], "lr": 0.1}]
+    assert sgd_hyperparameters(torch.optim.SGD(same, lr=0.1)).lr == 0.1
+    with pytest.raises(ValueError, match="momentum"):
+        sgd_hyperparameters(torch.optim.SGD(params, lr=0.1, momentum=1.0))

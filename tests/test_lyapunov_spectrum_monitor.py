@@ -1,0 +1,278 @@
+import math
+import re
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from helpers import Exploding, MemoryLogger, QuadraticModule, TinyModule, loader, trainer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from test_hessian_eigenvalue_monitor import fit_state
+
+from lightning_chaos import LyapunovSpectrumMonitor
+from lightning_chaos.core.spectrum import lanczos_eigenpairs, slq, slq_spectral_counts
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Small linear algebra on a shared 2-core machine: intra-op threads only add contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# γ = 0.2: 2/γ = 10; 1/γ = 5 is avoided (its LLE is -inf); two exact zeros and one h = 2/γ exactly.
+PLANTED = [-3.0, -0.5, 0.0, 0.0, 0.3, 1.0, 4.0, 4.5, 9.0, 10.0, 12.0, 20.0]
+
+
+def run_planted(monitor, max_steps=3, **sgd):
+    pl.seed_everything(0, verbose=False)
+    logger = MemoryLogger()
+    module = QuadraticModule(PLANTED, **sgd)
+    trainer([monitor], logger=logger, max_steps=max_steps).fit(module, loader())
+    return module, logger.chaos()
+
+
+def at(values, step=0):
+    return {k.removeprefix("chaos/"): v[step] for k, v in values.items() if step in v}
+
+
+@pytest.mark.parametrize(
+    "sgd, counts, lle_max, lle_min",
+    [
+        # plain SGD: chaotic h < 0 or h > 10, edge = the zeros and h = 10, LLE = log|1 - 0.2 h|
+        (
+            {"lr": 0.2},
+            {"n_chaotic": 4, "n_edge": 3, "n_stable": 5, "n_negative": 2, "n_positive": 8, "n_zero": 2},
+            math.log(3.0),
+            math.log(0.1),
+        ),
+        # weight decay is part of the map: h + 0.25 moves the zeros into the stable set, 10 beyond 2/γ
+        (
+            {"lr": 0.2, "weight_decay": 0.25},
+            {"n_chaotic": 5, "n_edge": 0, "n_stable": 7, "n_negative": 2, "n_positive": 10, "n_zero": 0},
+            math.log(abs(1 - 0.2 * 20.25)),
+            math.log(abs(1 - 0.2 * 4.75)),
+        ),
+    ],
+)
+def test_planted_quadratic_counts_and_lles_are_the_closed_form(sgd, counts, lle_max, lle_min):
+    module, logged = run_planted(LyapunovSpectrumMonitor(every_n_steps=1), **sgd)
+    for step in range(3):
+        values = at(logged, step)
+        assert values["spectrum_exact"] == 1.0
+        assert {k: values[k] for k in counts} == counts
+        assert values["lle_max"] == pytest.approx(lle_max, abs=1e-12)
+        assert values["lle_min"] == pytest.approx(lle_min, abs=1e-12)
+        # the Hessian is constant: the chaotic subspace never moves
+        assert values["chaotic_dim"] == counts["n_chaotic"]
+        assert values["chaotic_overlap"] == pytest.approx(1.0, abs=1e-12)
+        assert values["chaotic_overlap_random"] == pytest.approx(counts["n_chaotic"] / 12)
+
+
+def lle_2x2(h, lr, mu):
+    """log max|z| over the roots of z² − (1 + μ − γh) z + μ (heavy ball, no dampening), per eigenvalue."""
+    return [math.log(max(abs(np.roots([1.0, -(1 + mu - lr * x), mu])))) for x in h]
+
+
+def test_momentum_exponents_are_the_2x2_block_formula():
+    lr, mu = 0.2, 0.5  # stable interval (0, 2(1 + μ)/γ) = (0, 15)
+    _, logged = run_planted(LyapunovSpectrumMonitor(every_n_steps=1), lr=lr, momentum=mu)
+    exponents = lle_2x2(PLANTED, lr, mu)
+    for step in range(3):
+        values = at(logged, step)
+        assert values["lle_max"] == pytest.approx(max(exponents), abs=1e-12)
+        assert values["lle_min"] == pytest.approx(min(exponents), abs=1e-12)
+        assert values["lle_min"] == pytest.approx(0.5 * math.log(mu))  # a complex pair: |z| = √μ
+        assert (values["n_chaotic"], values["n_edge"], values["n_stable"]) == (3, 2, 7)
+        assert values["n_chaotic"] == sum(e > 1e-9 for e in exponents)
+
+
+class CheckOverlaps(Callback):
+    """After the monitor: its overlaps are |cos| between g + wd·θ and the planted eigenvectors."""
+
+    def __init__(self, monitor, weight_decay):
+        self.monitor, self.weight_decay, self.checked = monitor, weight_decay, 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        theta = pl_module.theta.detach()
+        g = pl_module.A @ theta + pl_module.b + self.weight_decay * theta
+        h, u = pl_module.eigenvalues, pl_module.eigenvectors
+        cos = (u.T @ g).abs() / g.norm()
+        latest = self.monitor.latest
+        assert latest["grad_overlap_top"] == pytest.approx(float(cos[h.argmax()]), abs=1e-12)
+        assert latest["grad_overlap_min"] == pytest.approx(float(cos[h.argmin()]), abs=1e-12)
+        shifted = h + self.weight_decay
+        positive, negative = shifted > 1e-3, shifted < -1e-3
+        assert latest["grad_overlap_positive"] == pytest.approx(float(cos[positive].mean()), abs=1e-12)
+        assert latest["grad_overlap_negative"] == pytest.approx(float(cos[negative].mean()), abs=1e-12)
+        self.checked += 1
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.25])
+def test_gradient_overlaps_with_the_planted_eigenvectors(weight_decay):
+    monitor = LyapunovSpectrumMonitor(every_n_steps=1)
+    check = CheckOverlaps(monitor, weight_decay)
+    pl.seed_everything(0, verbose=False)
+    distinct = PLANTED[:3] + PLANTED[4:]  # mean |cos| over a degenerate eigenspace depends on its basis
+    module = QuadraticModule(distinct, lr=0.05, weight_decay=weight_decay)
+    trainer([monitor, check], max_steps=3).fit(module, loader())
+    assert check.checked == 3
+
+
+def test_lanczos_method_reports_slq_counts_and_names_the_method():
+    monitor = LyapunovSpectrumMonitor(
+        every_n_steps=1, method="lanczos", num_eigenpairs=3, slq_steps=12, seed=5
+    )
+    module, logged = run_planted(monitor, max_steps=2, lr=0.2)
+    a, n = module.A, 12
+    generator = torch.Generator().manual_seed(5)  # the monitor's draws, repeated offline on the exact matrix
+    for step in range(2):
+        values = at(logged, step)
+        ritz, _ = lanczos_eigenpairs(a, 3, "both", num_steps=12, generator=generator)
+        nodes, weights = slq(a, n, 10, 12, generator)
+        scale = max(float(ritz.abs().max()), float(nodes[weights > 0].abs().max()))
+        expected = slq_spectral_counts(nodes, weights, n, 0.2, scale=scale)
+        assert values["spectrum_exact"] == 0.0
+        for key, value in expected.items():
+            assert values[key] == pytest.approx(value, abs=1e-8), key
+            assert values[f"{key}_low"] - 1e-9 <= values[key] <= values[f"{key}_high"] + 1e-9, key
+        # with a full Krylov space the extreme Ritz values are exact: lle_max is the closed form
+        assert values["lle_max"] == pytest.approx(math.log(3.0), abs=1e-9)
+        assert "grad_overlap_positive" not in values  # needs whole eigenspaces: exact mode only
+    # auto switches to Lanczos above max_exact_params
+    _, logged = run_planted(LyapunovSpectrumMonitor(max_exact_params=11), max_steps=1, lr=0.2)
+    assert at(logged)["spectrum_exact"] == 0.0
+
+
+def test_monitors_leave_training_bit_identical():
+    plain = fit_state([])
+    exact = LyapunovSpectrumMonitor(every_n_steps=2)
+    lanczos = LyapunovSpectrumMonitor(every_n_steps=3, method="lanczos", slq_steps=20, log_prefix="lz/")
+    watched = fit_state([exact, lanczos])
+    for key in plain[0]:
+        assert torch.equal(plain[0][key], watched[0][key]), key  # weights and BatchNorm buffers
+    assert all(torch.equal(a, b) for a, b in zip(plain[1], watched[1]))  # optimizer state
+    assert torch.equal(plain[2], watched[2])  # global RNG stream after training
+    assert torch.equal(plain[3], watched[3])
+    assert exact.latest["spectrum_exact"] == 1.0 and lanczos.latest["spectrum_exact"] == 0.0
+
+
+def test_resume_logs_what_the_uninterrupted_run_logs(tmp_path):
+    def run(ckpt_path=None):
+        pl.seed_everything(0, verbose=False)
+        logger = MemoryLogger()
+        callbacks = [
+            LyapunovSpectrumMonitor(every_n_steps=1, reference_step=2),
+            LyapunovSpectrumMonitor(every_n_steps=1, method="lanczos", slq_steps=20, log_prefix="chaos/lz_"),
+            ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}"),
+        ]
+        tr = trainer(callbacks, logger=logger, max_steps=-1, max_epochs=2, enable_checkpointing=True)
+        tr.fit(TinyModule(), loader(shuffle=False), ckpt_path=ckpt_path)
+        return logger.chaos()
+
+    full = run()
+    resumed = run(ckpt_path=tmp_path / "epoch=0.ckpt")
+    assert set(resumed["chaos/n_chaotic"]) == {4, 5, 6, 7}
+    assert set(full["chaos/chaotic_overlap"]) == {2, 3, 4, 5, 6, 7}  # reference stored at step 2
+    assert set(resumed["chaos/lz_n_chaotic"]) == {4, 5, 6, 7}
+    for key, values in resumed.items():
+        for step, value in values.items():
+            assert full[key][step] == value, (key, step)
+
+
+def test_nan_hessians_are_skipped_counted_and_never_logged():
+    logger = MemoryLogger()
+    monitor = LyapunovSpectrumMonitor(every_n_steps=1)
+    pl.seed_everything(0, verbose=False)
+    trainer([monitor], logger=logger, max_steps=8).fit(Exploding(), loader())
+    chaos = logger.chaos()
+    assert 0 < monitor.skipped_steps < 8
+    assert chaos["chaos/spectrum_skipped"][7] == monitor.skipped_steps
+    assert len(chaos["chaos/n_chaotic"]) + monitor.skipped_steps == 8
+    assert all(math.isfinite(v) for values in chaos.values() for v in values.values())
+
+
+class AdamModule(TinyModule):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters())
+
+
+class TwoGroups(TinyModule):
+    def configure_optimizers(self):
+        first, second = list(self.net.parameters())[:2], list(self.net.parameters())[2:]
+        return torch.optim.SGD([{"params": first}, {"params": second, "lr": 0.01}], lr=0.1)
+
+
+@pytest.mark.parametrize(
+    "module, match",
+    [(AdamModule(), "Adam"), (TwoGroups(), "param group 1 differs"), (TinyModule(momentum=0.0), None)],
+)
+def test_optimizers_without_the_sgd_map_are_refused_at_fit_start(module, match):
+    monitor = LyapunovSpectrumMonitor(every_n_steps=1)
+    if match is None:
+        trainer([monitor], max_steps=1).fit(module, loader())
+        assert monitor.latest["spectrum_exact"] == 1.0
+        return
+    with pytest.raises(MisconfigurationException, match=match):
+        trainer([monitor], max_steps=1).fit(module, loader())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"every_n_steps": 0},
+        {"method": "dense"},
+        {"max_exact_params": 0},
+        {"tolerance": -1e-3},
+        {"num_eigenpairs": 0},
+        {"lanczos_steps": 5},
+        {"slq_probes": 0},
+        {"slq_steps": 0},
+        {"reference_step": -1},
+        {"probe_fraction": 0.0},
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs):
+    with pytest.raises(MisconfigurationException, match=f"`{next(iter(kwargs))}`"):
+        LyapunovSpectrumMonitor(**kwargs)
+
+
+def test_two_monitors_keep_separate_state():
+    a = LyapunovSpectrumMonitor(log_prefix="chaos/")
+    b = LyapunovSpectrumMonitor(method="lanczos", log_prefix="chaos_b/")
+    assert a.state_key != b.state_key
+
+
+def test_tensorboard_layout_charts_match_the_logged_tags(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_chaos import TangentMapMonitor
+    from lightning_chaos.dashboards import chaos_layout
+    from lightning_chaos.plot import read_scalars
+
+    pl.seed_everything(0, verbose=False)
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    monitors = [LyapunovSpectrumMonitor(every_n_steps=2), TangentMapMonitor()]
+    trainer(monitors, logger=logger, max_steps=3).fit(TinyModule(), loader())
+    tags = set(read_scalars(tmp_path / "run" / "version_0"))
+    charts = chaos_layout()["lightning_chaos"]
+    for title, least in [
+        ("chaos counts", 6),
+        ("Lyapunov exponents", 11),
+        ("gradient and subspace overlaps", 6),
+    ]:
+        matched = {t for t in tags for rx in charts[title][1] if re.match(rx, t)}
+        assert len(matched) >= least, (title, matched)
+
+
+@pytest.mark.parametrize("method", ["exact", "lanczos"])
+def test_without_overlaps_only_counts_and_exponents_are_computed(method):
+    monitor = LyapunovSpectrumMonitor(every_n_steps=1, method=method, overlaps=False, slq_steps=12)
+    _, logged = run_planted(monitor, max_steps=1, lr=0.2)
+    values = at(logged)
+    assert values["lle_max"] == pytest.approx(math.log(3.0), abs=1e-9)
+    assert not any(k.startswith(("grad_overlap", "chaotic_")) for k in values)
+    assert monitor.reference_basis is None
