@@ -98,7 +98,7 @@ def test_examples_are_all_covered():
         "cifar2_small_resnet.yaml",
     } <= names
     assert {"cifar10_resnet18.yaml", "mse.yaml", "cyclic_lr.yaml", "quasi_newton.yaml"} <= names
-    assert len(BASES) == 8 and len(MIXINS) == 3
+    assert len(MIXINS) == 3  # every other config is a complete run, each run below
 
 
 @pytest.mark.parametrize("config", BASES, ids=lambda p: p.stem)
