@@ -1,7 +1,17 @@
 """lightning_chaos: PyTorch Lightning callbacks that watch training as a dynamical system."""
 
-from lightning_chaos.callbacks import HessianEigenvalueMonitor, InverseCurvatureLR
+from lightning_chaos.callbacks import (
+    CGDCurvature,
+    HessianEigenvalueMonitor,
+    InverseCurvatureLR,
+)
+from lightning_chaos.optim import CGD
 
 __version__ = "0.1.0"
 
-__all__ = ["HessianEigenvalueMonitor", "InverseCurvatureLR"]
+__all__ = [
+    "CGD",
+    "CGDCurvature",
+    "HessianEigenvalueMonitor",
+    "InverseCurvatureLR",
+]

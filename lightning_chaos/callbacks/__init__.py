@@ -1,6 +1,7 @@
 """Thin Lightning callbacks over the numerical core: hook wiring, state and logging."""
 
+from lightning_chaos.callbacks.cgd_curvature import CGDCurvature
 from lightning_chaos.callbacks.hessian_eigenvalue import HessianEigenvalueMonitor
 from lightning_chaos.callbacks.inverse_curvature_lr import InverseCurvatureLR
 
-__all__ = ["HessianEigenvalueMonitor", "InverseCurvatureLR"]
+__all__ = ["CGDCurvature", "HessianEigenvalueMonitor", "InverseCurvatureLR"]
