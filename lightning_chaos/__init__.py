@@ -4,6 +4,7 @@ from lightning_chaos.callbacks import (
     CGDCurvature,
     HessianEigenvalueMonitor,
     InverseCurvatureLR,
+    TrajectoryDivergence,
 )
 from lightning_chaos.optim import CGD
 
@@ -14,4 +15,5 @@ __all__ = [
     "CGDCurvature",
     "HessianEigenvalueMonitor",
     "InverseCurvatureLR",
+    "TrajectoryDivergence",
 ]

@@ -3,5 +3,6 @@
 from lightning_chaos.callbacks.cgd_curvature import CGDCurvature
 from lightning_chaos.callbacks.hessian_eigenvalue import HessianEigenvalueMonitor
 from lightning_chaos.callbacks.inverse_curvature_lr import InverseCurvatureLR
+from lightning_chaos.callbacks.trajectory_divergence import TrajectoryDivergence
 
-__all__ = ["CGDCurvature", "HessianEigenvalueMonitor", "InverseCurvatureLR"]
+__all__ = ["CGDCurvature", "HessianEigenvalueMonitor", "InverseCurvatureLR", "TrajectoryDivergence"]
