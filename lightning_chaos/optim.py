@@ -13,15 +13,23 @@ from lightning_chaos.callbacks._step import StepProbe
 from lightning_chaos.core.params import flatten, unflatten
 from lightning_chaos.core.probe import FunctionalLoss
 from lightning_chaos.core.projection import STRATEGIES, select_directions
-from lightning_chaos.core.spectrum import DEFAULT_TOLERANCE, lanczos_eigenpairs
+from lightning_chaos.core.spectrum import DEFAULT_TOLERANCE, classify_eigenvalues, lanczos_eigenpairs
 from lightning_chaos.core.tangent import SGDHyperparameters, sgd_hyperparameters
 
-__all__ = ["CGD"]
+__all__ = ["CGD", "CGD_STRATEGIES", "METHODS"]
+
+CGD_STRATEGIES = (*STRATEGIES, "positive_curvature")
+"""What CGD can remove: the chaos criteria of ``select_directions``, or all positive curvature."""
 
 METHODS = ("exact", "lanczos")
 """How CGD finds the eigendirections: dense ``eigh`` of the batch Hessian, or Lanczos extremes."""
 
-_LANCZOS_ENDS = {"chaotic": "both", "positive": "largest", "negative": "smallest"}
+_LANCZOS_ENDS = {
+    "chaotic": "both",
+    "positive": "largest",
+    "negative": "smallest",
+    "positive_curvature": "largest",
+}
 
 _MISSING_CURVATURE = (
     "CGD.step() needs the Hessian of this step's batch and none was set. Lightning: add "
@@ -45,6 +53,10 @@ class CGD(Optimizer):
     * ``"chaotic"``: positive local Lyapunov exponent, ``h̃ < 0`` or ``h̃ > u``;
     * ``"negative"``: negative curvature, ``h̃ < 0``;
     * ``"positive"``: curvature beyond the stability edge, ``h̃ > u``;
+    * ``"positive_curvature"``: every direction of positive curvature, ``h̃ > 0`` (not a chaos criterion:
+      ``0 < h̃ < u`` is stable). It is the reading of seed 001's B.1 "pruning of the full positive spectrum"
+      under which its claims can hold: in its own runs the count above ``2/γ`` is "effectively zero"
+      (B.2.1), so ``"positive"`` would leave them plain SGD (see ``examples/cgd_divergence.md``);
 
     with ``h̃ = h + wd`` and ``u = 2/γ`` for plain SGD (the momentum, dampening and Nesterov boundaries of
     :func:`~lightning_chaos.core.spectrum.stability_interval` otherwise). γ, μ, τ and wd are read from the
@@ -65,12 +77,12 @@ class CGD(Optimizer):
     optimizer (projecting Adam's moment estimates would have no such meaning).
 
     **Methods.** ``"exact"``: dense Hessian and ``eigh`` (``O(N²)`` memory, ``O(N³)`` time: up to a few
-    thousand parameters per step on a CPU); with ``k`` set, at most the ``k`` largest selected eigenvalues
-    above ``u`` and the ``k`` most negative ones are removed, else all selected directions (the seed's
+    thousand parameters per step on a CPU); with ``k`` set, at most the ``k`` largest and the ``k`` most
+    negative of the selected eigenvalues are removed, else all selected directions (the seed's
     "full spectrum" pruning). ``"lanczos"``: ``k`` extreme Ritz pairs from one Lanczos run on exact
-    Hessian-vector products (``"chaotic"``: top-k and bottom-k; ``"positive"``: top-k; ``"negative"``:
-    bottom-k), of which only those meeting the criterion are removed; the start vector is drawn from
-    CGD's own generator (``seed``), never from the global one.
+    Hessian-vector products (``"chaotic"``: top-k and bottom-k; ``"positive"`` and ``"positive_curvature"``:
+    top-k; ``"negative"``: bottom-k), of which only those meeting the criterion are removed; the start
+    vector is drawn from CGD's own generator (``seed``), never from the global one.
 
     **Cost control.** ``every_n_steps``: the directions are recomputed on every n-th step and the last ones
     are reused (projected out again) on the steps in between.
@@ -109,7 +121,7 @@ class CGD(Optimizer):
         params: the base optimizer whose update is projected (``CGD(torch.optim.SGD(...))``), or the
             parameters the ``base`` callable builds it on (the form LightningCLI's ``optimizer:`` key uses,
             which passes the model's parameters first).
-        strategy: ``"chaotic"``, ``"negative"`` or ``"positive"``.
+        strategy: ``"chaotic"``, ``"negative"``, ``"positive"`` or ``"positive_curvature"``.
         method: ``"exact"`` or ``"lanczos"``.
         k: directions per end of the spectrum (required for ``"lanczos"``; ``None`` with ``"exact"``
             removes every selected direction).
@@ -133,7 +145,7 @@ class CGD(Optimizer):
     def __init__(
         self,
         params: Optimizer | Iterable[Any],
-        strategy: Literal["chaotic", "negative", "positive"] = "chaotic",
+        strategy: Literal["chaotic", "negative", "positive", "positive_curvature"] = "chaotic",
         method: Literal["exact", "lanczos"] = "exact",
         k: int | None = None,
         every_n_steps: int = 1,
@@ -155,8 +167,8 @@ class CGD(Optimizer):
             )
         if not isinstance(optimizer, Optimizer) or isinstance(optimizer, CGD):
             raise TypeError(f"the base must be a torch.optim.Optimizer other than CGD, got {type(optimizer)}")
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if strategy not in CGD_STRATEGIES:
+            raise ValueError(f"strategy must be one of {CGD_STRATEGIES}, got {strategy!r}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
@@ -249,6 +261,8 @@ class CGD(Optimizer):
 
         Raises:
             RuntimeError: no curvature was set for this step (the message says what to add).
+            FloatingPointError: the batch Hessian has NaN/inf entries (typically a diverged loss); the
+                parameters are left as they were before the step.
         """
         loss = None
         if closure is not None:
@@ -314,14 +328,26 @@ class CGD(Optimizer):
     def _directions(self, probe: StepProbe) -> tuple[Tensor, Tensor]:
         """Orthonormal basis ``V`` ``(N, r)`` of the directions to remove, and their eigenvalues ``(r,)``."""
         hp = self.hyperparameters()
-        if self.method == "exact":
-            values, vectors = probe.eigh()
+        try:
+            if self.method == "exact":
+                values, vectors = probe.eigh()
+            else:
+                which = _LANCZOS_ENDS[self.strategy]
+                dim = probe.loss.dim
+                k = max(1, min(self.k, dim // 2 if which == "both" else dim))
+                values, vectors = lanczos_eigenpairs(probe.hessian(), k, which, generator=self._generator)
+        except (torch.linalg.LinAlgError, FloatingPointError) as err:
+            raise FloatingPointError(
+                f"CGD step {self.num_steps}: the batch Hessian is not finite ({err})"
+            ) from err
+        if not torch.isfinite(values).all():
+            raise FloatingPointError(
+                f"CGD step {self.num_steps}: the batch Hessian is not finite (loss diverged?)"
+            )
+        if self.strategy == "positive_curvature":
+            mask = classify_eigenvalues(values, hp.lr, self.tolerance, **hp.map_kwargs())["positive"]
         else:
-            which = _LANCZOS_ENDS[self.strategy]
-            dim = probe.loss.dim
-            k = max(1, min(self.k, dim // 2 if which == "both" else dim))
-            values, vectors = lanczos_eigenpairs(probe.hessian(), k, which, generator=self._generator)
-        mask = select_directions(values, hp.lr, self.strategy, self.tolerance, **hp.map_kwargs())
+            mask = select_directions(values, hp.lr, self.strategy, self.tolerance, **hp.map_kwargs())
         index = mask.nonzero().flatten()
         if self.k is not None and index.numel():
             shifted = values[index] + hp.weight_decay
