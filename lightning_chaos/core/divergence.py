@@ -92,9 +92,10 @@ def default_init_distance(module: nn.Module) -> float:
 def sampled_init_distances(module: nn.Module, num_pairs: int = 32, seed: int = 0) -> Tensor:
     """Distances ``‖θ_a − θ_b‖`` of independently re-initialised copies of ``module``.
 
-    Each sample deep-copies ``module`` twice and calls ``reset_parameters()`` on every submodule that has
-    one, which re-draws PyTorch's default initialisation of each layer. The global random stream is
-    forked, seeded with ``seed`` and restored, so sampling never changes the caller's random numbers.
+    A deep copy of ``module`` is re-initialised twice per pair by calling ``reset_parameters()`` on every
+    submodule that has one, which re-draws PyTorch's default initialisation of each layer. The global
+    random stream is forked, seeded with ``seed`` and restored, so sampling never changes the caller's
+    random numbers.
 
     Args:
         module: the model (only parameters with ``requires_grad`` count).
@@ -118,25 +119,23 @@ def sampled_init_distances(module: nn.Module, num_pairs: int = 32, seed: int = 0
             )
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     distances = torch.empty(num_pairs, dtype=torch.float64)
+    clone = copy.deepcopy(module)
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for i in range(num_pairs):
-            a, b = (_redrawn(module) for _ in range(2))
-            squared = sum(
-                float((pa.double() - pb.double()).pow(2).sum()) for pa, pb in zip(a, b, strict=True)
-            )
-            distances[i] = math.sqrt(squared)
+            a, b = (_redrawn(clone) for _ in range(2))
+            distances[i] = float(torch.linalg.vector_norm(a - b))
     return distances
 
 
 @torch.no_grad()
-def _redrawn(module: nn.Module) -> list[Tensor]:
-    clone = copy.deepcopy(module)
-    for sub in clone.modules():
+def _redrawn(module: nn.Module) -> Tensor:
+    """Re-initialise ``module`` in place; return its trainable parameters as one float64 vector."""
+    for sub in module.modules():
         reset = getattr(sub, "reset_parameters", None)
         if callable(reset):
             reset()
-    return [p.detach() for *_, p in _trainable(clone)]
+    return torch.cat([p.detach().double().reshape(-1) for *_, p in _trainable(module)])
 
 
 def random_walk_distance(num_steps: int, dim: int, sigma: float) -> float:
