@@ -2,6 +2,7 @@
 
 import copy
 import functools
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -10,12 +11,13 @@ from helpers import MemoryLogger, TinyModule, loader, trainer
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from torch import nn
 
-from lightning_chaos import CGD, CGDCurvature
+from lightning_chaos import CGD, CGDCurvature, TrajectoryDivergence
 from lightning_chaos.callbacks import _step
 from lightning_chaos.callbacks._step import StepProbe
 from lightning_chaos.core.probe import FunctionalLoss
 
 F64 = torch.float64
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -83,7 +85,7 @@ SGD_SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("strategy", ["chaotic", "negative", "positive"])
+@pytest.mark.parametrize("strategy", ["chaotic", "negative", "positive", "positive_curvature"])
 @pytest.mark.parametrize("sgd", SGD_SETTINGS, ids=["plain", "momentum", "momentum+wd", "nesterov+wd"])
 def test_step_is_the_explicit_projection_of_the_base_update(strategy, sgd):
     net = tanh_net()
@@ -111,8 +113,13 @@ def test_step_is_the_explicit_projection_of_the_base_update(strategy, sgd):
     shifted = evals + sgd["weight_decay"]
     eps = 1e-5 * evals.abs().max()
     upper = boundary(lr, sgd["momentum"], sgd.get("nesterov", False))
-    negative, beyond = shifted < -eps, shifted > upper + eps
-    mask = {"chaotic": negative | beyond, "negative": negative, "positive": beyond}[strategy]
+    negative, beyond, positive = shifted < -eps, shifted > upper + eps, shifted > eps
+    mask = {
+        "chaotic": negative | beyond,
+        "negative": negative,
+        "positive": beyond,
+        "positive_curvature": positive,
+    }[strategy]
     assert 0 < int(mask.sum()) < evals.numel()
     v = evecs[:, mask]
     expected = theta + (torch.eye(theta.numel(), dtype=F64) - v @ v.T) @ delta
@@ -142,7 +149,7 @@ def test_nothing_removed_leaves_the_base_update_bit_identical():
     assert torch.equal(flat(net), flat(ref))
 
 
-@pytest.mark.parametrize("strategy", ["chaotic", "negative", "positive"])
+@pytest.mark.parametrize("strategy", ["chaotic", "negative", "positive", "positive_curvature"])
 def test_lanczos_removes_the_exact_top_k(strategy):
     results = {}
     x, y = batch()
@@ -224,6 +231,17 @@ def test_missing_curvature_and_bad_arguments_are_clear_errors():
         opt.step()
 
 
+def test_a_diverged_loss_is_a_floating_point_error_and_no_step():
+    net = tanh_net()
+    with torch.no_grad():
+        net[0].weight[0, 0] = float("inf")
+    before = flat(net)
+    opt = CGD(torch.optim.SGD(net.parameters(), lr=0.1))
+    with pytest.raises(FloatingPointError, match="not finite"):
+        cgd_step(opt, net, *batch())
+    assert torch.equal(flat(net), before) and opt.num_steps == 0
+
+
 def test_built_from_params_and_a_base_factory_like_lightning_cli():
     net = tanh_net()
     opt = CGD(
@@ -231,6 +249,8 @@ def test_built_from_params_and_a_base_factory_like_lightning_cli():
     )
     assert isinstance(opt.optimizer, torch.optim.SGD) and opt.param_groups is opt.optimizer.param_groups
     assert opt.hyperparameters().momentum == 0.5
+    clone = copy.deepcopy(opt)  # e.g. for twins or checkpoints in memory: an independent optimizer
+    assert clone.optimizer is not opt.optimizer and clone.param_groups[0]["lr"] == 0.3
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -315,3 +335,59 @@ def test_lightning_resume_is_exact(tmp_path):
             assert full[key][step] == value, (key, step)
     for p, q in zip(full_module.parameters(), resumed_module.parameters()):
         assert torch.equal(p, q)
+
+
+INPUT_SHAPES = {"digits": "[64]", "usps": "[1, 16, 16]", "fashionmnist": "[1, 28, 28]"}
+
+
+def cli(configs, tmp_path, *extra):
+    """LightningCLI over the given YAML configs with the data replaced by synthetic tensors (no download)."""
+    from lightning.pytorch import LightningDataModule
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_chaos.models import Classifier
+
+    shape = INPUT_SHAPES[configs[0].name.split("_")[0]]
+    args = [arg for config in configs for arg in ("--config", str(config))]
+    args += ["--data", "lightning_chaos.data.SyntheticDataModule", "--data.init_args.input_shape", shape]
+    args += ["--data.init_args.num_classes", "10", "--data.init_args.num_samples", "128"]
+    args += ["--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path), *extra]
+    return LightningCLI(
+        Classifier,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        save_config_callback=None,
+        args=args,
+    )
+
+
+def test_yaml_configs_instantiate_with_lightning_cli(tmp_path):
+    configs = sorted(EXAMPLES.glob("*_cgd*.yaml"))
+    assert {c.name.split("_")[0] for c in configs} == set(INPUT_SHAPES)
+    for config in configs:
+        built = cli([config], tmp_path)
+        names = {type(c).__name__ for c in built.trainer.callbacks}
+        if "divergence" in config.name:
+            assert {"CGDCurvature", "TrajectoryDivergence"} <= names, config.name
+        else:
+            assert "CGDCurvature" in names and isinstance(built.model.configure_optimizers(), CGD), (
+                config.name
+            )
+    # the digits pair composed: CGD from the first file, the twins from the second
+    built = cli([EXAMPLES / "digits_mlp_cgd.yaml", EXAMPLES / "digits_mlp_cgd_divergence.yaml"], tmp_path)
+    assert isinstance(built.model.configure_optimizers(), CGD)
+    assert any(isinstance(c, TrajectoryDivergence) for c in built.trainer.callbacks)
+    # the digits CGD config trains (two steps, strategy overridden from the command line)
+    built = cli(
+        [EXAMPLES / "digits_mlp_cgd.yaml"],
+        tmp_path,
+        "--trainer.max_steps",
+        "2",
+        "--optimizer.init_args.strategy",
+        "negative",
+    )
+    built.trainer.fit(built.model, built.datamodule)
+    optimizer = built.trainer.optimizers[0]
+    assert isinstance(optimizer, CGD) and optimizer.strategy == "negative" and optimizer.num_steps == 2
