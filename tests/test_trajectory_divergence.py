@@ -166,6 +166,26 @@ def test_resume_is_exact(tmp_path):
     assert full_div.distances == resumed_div.distances and full_div.results == resumed_div.results
 
 
+class Diverging(TinyModule):
+    """Least squares at a huge learning rate: the weights (and the twins') overflow to inf, then NaN."""
+
+    def __init__(self, **kwargs):
+        super().__init__(lr=1e4, momentum=0.0)
+        self.net = nn.Linear(8, 3)
+
+    def _loss(self, batch):
+        x, y = batch
+        return (self.net(x) - nn.functional.one_hot(y, 3)).pow(2).mean()
+
+
+def test_a_diverging_twin_is_dropped_and_training_goes_on():
+    div = TrajectoryDivergence(directions=["random"], init_samples=0)
+    fit([div], Diverging, max_steps=16)
+    assert div.diverged == {"random"} and not math.isfinite(div.distances["random"][-1])
+    assert div.results["num_steps"] == 16  # on_train_end ran; the fit uses the finite prefix
+    assert all(math.isfinite(v) for v in div.results["fit"].get("random", ()))
+
+
 def test_unsupported_setups_and_bad_arguments():
     with pytest.raises(MisconfigurationException, match="accumulation"):
         trainer([TrajectoryDivergence()], accumulate_grad_batches=2).fit(TinyModule(), loader())

@@ -94,6 +94,10 @@ class TrajectoryDivergence(Callback):
     ``σ² = Σ_t ‖Δθ_t‖² / (T D)``, so the bound is ``√(2 Σ_t ‖Δθ_t‖²)``: the distance if the twins' steps
     were uncorrelated. :attr:`results` holds all end-of-training numbers.
 
+    A twin whose distance turns NaN/inf (its loss diverged) or whose CGD meets a non-finite Hessian is
+    marked in :attr:`diverged` and no longer stepped or logged (the main run goes on); its fit uses the
+    distances before that point.
+
     Not supported (clear error): gradient accumulation, manual optimization, fp16 with a loss scaler,
     several optimizers, sharded strategies.
 
@@ -111,6 +115,7 @@ class TrajectoryDivergence(Callback):
         distances: ``{direction: [d(0), d(1), …]}``.
         perturbations: ``{direction: u}`` flat unit directions ``(N,)`` of this run's twins.
         direction_lle: ``{direction: LLE}`` of the eigenvector directions (``max_*``).
+        diverged: directions whose twin diverged.
         init_distance: analytic baseline (``None`` when unknown or not computed yet).
         init_distance_sampled: sampled baseline (``None`` when not computed).
         results: end-of-training summary (``fit``: ``{direction: (a, b)}``, ``sigma``, ``random_walk_bound``,
@@ -144,6 +149,7 @@ class TrajectoryDivergence(Callback):
         self.init_distance: float | None = None
         self.init_distance_sampled: float | None = None
         self.results: dict[str, Any] = {}
+        self.diverged: set[str] = set()
         self._twins: dict[str, tuple[pl.LightningModule, Optimizer]] = {}
         self._stash: dict[str, Any] | None = None
         self._update_sq_sum = 0.0
@@ -204,8 +210,18 @@ class TrajectoryDivergence(Callback):
         log_values(trainer, values, self.log_prefix)
         record = current_record(trainer)
         probe = StepProbe.current(trainer, pl_module)
-        for module, twin_optimizer in self._twins.values():
-            self._step_twin(trainer, module, twin_optimizer, optimizer, record, probe)
+        for name, (module, twin_optimizer) in self._twins.items():
+            if name in self.diverged:
+                continue
+            try:
+                self._step_twin(trainer, module, twin_optimizer, optimizer, record, probe)
+            except (
+                FloatingPointError
+            ) as err:  # a CGD twin met a non-finite Hessian: the twin is lost, not the run
+                rank_zero_warn(
+                    f"TrajectoryDivergence: twin {name!r} diverged ({err}); it is no longer stepped."
+                )
+                self.diverged.add(name)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -226,8 +242,11 @@ class TrajectoryDivergence(Callback):
         dim = theta.numel()
         steps = self._num_updates
         sigma = math.sqrt(self._update_sq_sum / (steps * dim)) if steps else 0.0
-        bound = random_walk_distance(steps, dim, sigma)
-        fits = {name: fit_divergence(d) for name, d in self.distances.items() if len(d) >= 2}
+        bound = (
+            random_walk_distance(steps, dim, sigma) if math.isfinite(sigma) else math.nan
+        )  # main run diverged
+        fits = {name: _fit_finite_prefix(d) for name, d in self.distances.items()}
+        fits = {name: ab for name, ab in fits.items() if ab is not None}
         self.results = {
             "fit": fits,
             "sigma": sigma,
@@ -249,7 +268,11 @@ class TrajectoryDivergence(Callback):
     def _record_distances(self, theta: Tensor) -> dict[str, float]:
         values = {}
         for name, (module, _) in self._twins.items():
-            d = float(torch.linalg.vector_norm((_flat_trainable(module) - theta).double()))
+            d = math.nan
+            if name not in self.diverged:
+                d = float(torch.linalg.vector_norm((_flat_trainable(module) - theta).double()))
+            if not math.isfinite(d):
+                self.diverged.add(name)
             self.distances.setdefault(name, []).append(d)
             values[f"divergence/{name}"] = d
         return values
@@ -395,6 +418,7 @@ class TrajectoryDivergence(Callback):
             "direction_lle": dict(self.direction_lle),
             "init_distance": self.init_distance,
             "init_distance_sampled": self.init_distance_sampled,
+            "diverged": sorted(self.diverged),
             "update_sq_sum": self._update_sq_sum,
             "num_updates": self._num_updates,
         }
@@ -408,8 +432,19 @@ class TrajectoryDivergence(Callback):
         self.direction_lle = dict(state_dict["direction_lle"])
         self.init_distance = state_dict["init_distance"]
         self.init_distance_sampled = state_dict["init_distance_sampled"]
+        self.diverged = set(state_dict["diverged"])
         self._update_sq_sum = float(state_dict["update_sq_sum"])
         self._num_updates = int(state_dict["num_updates"])
+
+
+def _fit_finite_prefix(distances: list[float]) -> tuple[float, float] | None:
+    """:func:`fit_divergence` of the distances before the first non-finite one (``None`` below two)."""
+    finite = []
+    for d in distances:
+        if not math.isfinite(d):
+            break
+        finite.append(d)
+    return fit_divergence(finite) if len(finite) >= 2 else None
 
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:
