@@ -87,13 +87,14 @@ SGD_SETTINGS = [
 
 @pytest.mark.parametrize("strategy", ["chaotic", "negative", "positive", "positive_curvature"])
 @pytest.mark.parametrize("sgd", SGD_SETTINGS, ids=["plain", "momentum", "momentum+wd", "nesterov+wd"])
-def test_step_is_the_explicit_projection_of_the_base_update(strategy, sgd):
+@pytest.mark.parametrize("project", [True, False], ids=["project_buffer", "keep_buffer"])
+def test_step_is_the_explicit_projection_of_the_base_update(strategy, sgd, project):
     net = tanh_net()
     x, y = batch()
     h0 = float(torch.linalg.eigvalsh(explicit_hessian(net, x, y))[-1])
     lr = 3.0 / h0 * (1 + sgd["momentum"])  # top curvature beyond the stability edge: "positive" removes some
     ref = copy.deepcopy(net)
-    opt = CGD(torch.optim.SGD(net.parameters(), lr=lr, **sgd), strategy=strategy)
+    opt = CGD(torch.optim.SGD(net.parameters(), lr=lr, **sgd), strategy=strategy, project_momentum=project)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=lr, **sgd)
     for step in range(3):  # earlier steps fill the momentum buffers
         xb, yb = batch(seed=10 + step)
@@ -128,13 +129,17 @@ def test_step_is_the_explicit_projection_of_the_base_update(strategy, sgd):
     torch.testing.assert_close(flat(net), expected, rtol=0, atol=1e-12)
     assert opt.last_removed == int(mask.sum())
     torch.testing.assert_close(opt.removed_eigenvalues.sort().values, evals[mask].sort().values)
-    # the base optimizer's state is its own: the momentum buffer is the unprojected plain-SGD buffer
-    for p, q in zip(net.parameters(), ref.parameters()):
-        if sgd["momentum"]:
-            assert torch.equal(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"])
-    if sgd["momentum"] and not sgd.get("nesterov"):  # heavy ball: the update taken is −γ P v'
-        buf = torch.cat([opt.state[p]["momentum_buffer"].reshape(-1) for p in net.parameters()])
-        torch.testing.assert_close(flat(net) - theta, -lr * (buf - v @ (v.T @ buf)), rtol=0, atol=1e-12)
+    if not sgd["momentum"]:
+        return
+    # momentum buffer: P v' (project_momentum) or exactly the plain-SGD buffer v' (kept)
+    buf = torch.cat([opt.state[p]["momentum_buffer"].reshape(-1) for p in net.parameters()])
+    ref_buf = torch.cat([ref_opt.state[q]["momentum_buffer"].reshape(-1) for q in ref.parameters()])
+    projected_ref = ref_buf - v @ (v.T @ ref_buf)
+    torch.testing.assert_close(
+        buf, projected_ref if project else ref_buf, rtol=0, atol=0 if not project else 1e-12
+    )
+    if not sgd.get("nesterov"):  # heavy ball: the update taken is −γ P v'
+        torch.testing.assert_close(flat(net) - theta, -lr * projected_ref, rtol=0, atol=1e-12)
 
 
 def test_nothing_removed_leaves_the_base_update_bit_identical():
@@ -351,7 +356,14 @@ def cli(configs, tmp_path, *extra):
     args = [arg for config in configs for arg in ("--config", str(config))]
     args += ["--data", "lightning_chaos.data.SyntheticDataModule", "--data.init_args.input_shape", shape]
     args += ["--data.init_args.num_classes", "10", "--data.init_args.num_samples", "128"]
-    args += ["--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path), *extra]
+    args += ["--model.init_args.num_classes", "10"]  # what lightning-chaos's CLI links from the data
+    args += [
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
+    args += list(extra)
     return LightningCLI(
         Classifier,
         LightningDataModule,

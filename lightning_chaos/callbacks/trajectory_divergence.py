@@ -484,6 +484,7 @@ def _clone_optimizer(optimizer: Optimizer, source: nn.Module, target: nn.Module)
             optimizer.k,
             optimizer.every_n_steps,
             optimizer.tolerance,
+            project_momentum=optimizer.project_momentum,
         )
     else:
         try:
