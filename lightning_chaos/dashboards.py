@@ -2,8 +2,8 @@
 
 TensorBoard's *Custom Scalars* tab then shows, per run: λ, 1/h0 and the learning rate on one chart (the
 ICLR submission's Figure 1; switch the chart to a log axis in the UI, the layout format has no axis
-setting), the losses, the eigenvalue estimates, the chaos counts, the Lyapunov exponents and the
-gradient / chaotic-subspace overlaps.
+setting), the losses, the eigenvalue estimates, the chaos counts, the Lyapunov exponents, the
+gradient / chaotic-subspace overlaps, the distances of TrajectoryDivergence's twins and what CGD removed.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ def chaos_layout(prefix: str = "chaos/") -> dict[str, dict[str, list]]:
             "chaos counts": ["Multiline", [f"{p}n_(chaotic|edge|stable|negative|positive|zero)$"]],
             "Lyapunov exponents": ["Multiline", [f"{p}lle_.*", f"{p}mlce.*", f"{p}ftle.*"]],
             "gradient and subspace overlaps": ["Multiline", [f"{p}grad_overlap_.*", f"{p}chaotic_overlap.*"]],
+            "trajectory divergence": ["Multiline", [f"{p}divergence\\/.*", f"{p}divergence_fit\\/.*"]],
+            "CGD": ["Multiline", [f"{p}cgd_.*"]],
         }
     }
 

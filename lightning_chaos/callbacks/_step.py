@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,6 +123,18 @@ def record_batch(trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
         setattr(trainer, _RECORD, BatchRecord(batch, batch_idx, RNGState.capture(), vectorize))
 
 
+def current_record(trainer: pl.Trainer) -> BatchRecord:
+    """The batch and random state recorded by :func:`record_batch` for the current step.
+
+    Raises:
+        RuntimeError: nothing was recorded (the callback does not call ``record_batch``).
+    """
+    record: BatchRecord | None = getattr(trainer, _RECORD, None)
+    if record is None:
+        raise RuntimeError("No batch recorded: call record_batch() from on_train_batch_start.")
+    return record
+
+
 @contextlib.contextmanager
 def muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
     """Turn ``self.log``/``self.log_dict`` into no-ops while the probe re-runs ``training_step``."""
@@ -141,6 +153,32 @@ def muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
                 del pl_module.__dict__[name]
             else:
                 object.__setattr__(pl_module, name, value)
+
+
+def loss_closure(pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> Callable[[], Tensor]:
+    """The training loss of ``batch`` as a zero-argument closure over ``pl_module``.
+
+    ``pl_module.curvature_loss(batch)`` when the module defines it (the documented protocol), otherwise
+    ``pl_module.training_step(batch, batch_idx)`` with ``self.log`` muted (metric objects updated inside
+    ``training_step`` then see the batch again: that is what ``curvature_loss`` is for).
+
+    Args:
+        pl_module: the module whose loss is evaluated (the training module or a copy of it).
+        batch: the batch.
+        batch_idx: its index, passed to ``training_step``.
+
+    Returns:
+        The closure; it returns whatever the loss function returns (checked by the caller).
+    """
+    curvature_loss = getattr(pl_module, "curvature_loss", None)
+    if callable(curvature_loss):
+        return lambda: curvature_loss(batch)
+
+    def compute() -> Tensor:
+        with muted_logging(pl_module):
+            return pl_module.training_step(batch, batch_idx)
+
+    return compute
 
 
 def _sub_batch(batch: Any, fraction: float) -> Any:
@@ -231,24 +269,11 @@ class StepProbe:
         Returns:
             The shared :class:`StepProbe`.
         """
-        record: BatchRecord | None = getattr(trainer, _RECORD, None)
-        if record is None:
-            raise RuntimeError("No batch recorded: call record_batch() from on_train_batch_start.")
+        record = current_record(trainer)
         if fraction in record.probes:
             return record.probes[fraction]
         batch = record.batch if fraction >= 1.0 else _sub_batch(record.batch, fraction)
-        curvature_loss = getattr(pl_module, "curvature_loss", None)
-        if callable(curvature_loss):
-
-            def compute() -> Tensor:
-                return curvature_loss(batch)
-
-        else:
-
-            def compute() -> Tensor:
-                with muted_logging(pl_module):
-                    return pl_module.training_step(batch, record.batch_idx)
-
+        compute = loss_closure(pl_module, batch, record.batch_idx)
         named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         reduce = None

@@ -1,0 +1,252 @@
+"""TrajectoryDivergence: twins replay the main run exactly and leave it untouched; divergence baselines."""
+
+import math
+import re
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import MemoryLogger, TinyModule, loader, trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from lightning_chaos import CGD, CGDCurvature, TrajectoryDivergence
+from lightning_chaos.callbacks.trajectory_divergence import DIRECTIONS
+from lightning_chaos.core.divergence import (
+    default_init_distance,
+    fit_divergence,
+    random_walk_distance,
+    sampled_init_distances,
+)
+from lightning_chaos.core.spectrum import local_lyapunov_exponents
+from lightning_chaos.dashboards import chaos_layout
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # models of a few hundred parameters gain nothing from intra-op threads on a shared 2-core machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class CGDTiny(TinyModule):
+    def configure_optimizers(self):
+        return CGD(
+            torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum), strategy="negative"
+        )
+
+
+def fit(callbacks, module_cls=TinyModule, perturb=None, max_steps=6, logger=None, **module_kwargs):
+    """Seeded run on unshuffled batches; ``perturb`` (flat) is added to the initial parameters."""
+    pl.seed_everything(0, verbose=False)
+    model = module_cls(**module_kwargs)
+    if perturb is not None:
+        with torch.no_grad():
+            params = list(model.parameters())
+            offset = 0
+            for p in params:
+                p.add_(perturb[offset : offset + p.numel()].reshape(p.shape).to(p.dtype))
+                offset += p.numel()
+    tr = trainer(callbacks, logger=logger, max_steps=max_steps)
+    tr.fit(model, loader(shuffle=False))
+    return model, tr
+
+
+def flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_main_run_is_bit_identical_with_twins():
+    kwargs = dict(dropout=0.3, batchnorm=True, weight_decay=0.01)
+    plain, tr_plain = fit([], **kwargs)
+    rng_plain = torch.get_rng_state()
+    div = TrajectoryDivergence(init_samples=4)
+    watched, tr_watched = fit([div], **kwargs)
+    assert torch.equal(rng_plain, torch.get_rng_state())
+    for (k, a), b in zip(plain.state_dict().items(), watched.state_dict().values()):
+        assert torch.equal(a, b), k  # weights and BatchNorm buffers
+    opt_a, opt_b = (t.optimizers[0].state_dict()["state"] for t in (tr_plain, tr_watched))
+    assert all(torch.equal(opt_a[i]["momentum_buffer"], opt_b[i]["momentum_buffer"]) for i in opt_a)
+    assert set(div.distances) == set(DIRECTIONS) and all(len(d) == 7 for d in div.distances.values())
+
+
+@pytest.mark.parametrize("module_cls", [TinyModule, CGDTiny], ids=["sgd_momentum", "cgd"])
+def test_a_twin_is_the_run_started_from_the_perturbed_point(module_cls):
+    """Same batches, same dropout masks, same optimizer: the twin equals a separate run from θ0 + εu."""
+    callbacks = [TrajectoryDivergence(directions=["max_chaotic", "random"], init_samples=0)]
+    if module_cls is CGDTiny:
+        callbacks.append(CGDCurvature())
+    kwargs = dict(dropout=0.3, lr=0.5, curvature_loss=module_cls is CGDTiny)
+    main, _ = fit(callbacks, module_cls, **kwargs)
+    div = callbacks[0]
+    for name in ("max_chaotic", "random"):
+        twin_module, _ = div._twins[name]
+        perturb = div.epsilon * div.perturbations[name].float()  # the twin's own float32 arithmetic
+        separate, _ = fit([CGDCurvature()] if module_cls is CGDTiny else [], module_cls, perturb, **kwargs)
+        torch.testing.assert_close(flat(twin_module), flat(separate), rtol=0, atol=1e-6)
+        assert div.distances[name][-1] == pytest.approx(
+            float((flat(twin_module) - flat(main)).norm()), rel=1e-6
+        )
+        assert div.distances[name][0] == pytest.approx(div.epsilon, rel=1e-5)
+
+
+def test_directions_follow_the_exact_spectrum_of_the_first_step():
+    div = TrajectoryDivergence(init_samples=0)
+    fit([div], max_steps=1, momentum=0.0, lr=0.5)
+    module, _ = div._twins["random"]
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule(momentum=0.0, lr=0.5)
+    x, y = next(iter(loader(shuffle=False)))
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def flat_loss(vec):
+        pieces, i = {}, 0
+        for n, s in zip(names, shapes):
+            pieces[n] = vec[i : i + s.numel()].reshape(s)
+            i += s.numel()
+        net_pieces = {k.removeprefix("net."): v for k, v in pieces.items()}
+        return nn.functional.cross_entropy(torch.func.functional_call(model.net, net_pieces, (x,)), y)
+
+    evals, evecs = torch.linalg.eigh(torch.func.hessian(flat_loss)(flat(model)).double())
+    lle = local_lyapunov_exponents(evals, 0.5)
+    top, bottom = evecs[:, lle.argmax()], evecs[:, lle.argmin()]
+    assert abs(float(div.perturbations["max_chaotic"] @ top)) == pytest.approx(1.0, abs=1e-4)
+    assert abs(float(div.perturbations["max_non_chaotic"] @ bottom)) == pytest.approx(1.0, abs=1e-4)
+    assert div.direction_lle["max_chaotic"] == pytest.approx(float(lle.max()), rel=1e-4)
+    chaotic = evecs[:, lle > 1e-6]
+    for name, inside in (("chaotic", 1.0), ("non_chaotic", 0.0)):
+        u = div.perturbations[name]
+        assert float((chaotic.T @ u).norm()) == pytest.approx(inside, abs=1e-3), name
+        assert float(u.norm()) == pytest.approx(1.0)
+
+
+def test_logs_distances_bounds_baselines_and_fits():
+    logger = MemoryLogger()
+    div = TrajectoryDivergence(directions=["random", "max_chaotic"], init_samples=8)
+    fit([div], logger=logger)
+    chaos = logger.chaos()
+    assert sorted(chaos["chaos/divergence/random"]) == list(range(7))  # d(0) … d(6), d(6) after training
+    assert chaos["chaos/divergence/random"][0] == pytest.approx(0.1, rel=1e-5)
+    bound = chaos["chaos/divergence/random_walk_bound"]
+    assert bound[0] == 0.0 and all(bound[t] < bound[t + 1] for t in range(6))
+    steps = div.results["num_steps"]
+    assert steps == 6 and div.results["num_params"] == 195
+    assert div.results["random_walk_bound"] == pytest.approx(
+        random_walk_distance(steps, 195, div.results["sigma"]), rel=1e-12
+    )
+    assert chaos["chaos/divergence_fit/random_a"][6] == div.results["fit"]["random"][0]
+    analytic = chaos["chaos/divergence/init_distance"][0]
+    assert analytic == pytest.approx(default_init_distance(TinyModule()))
+    assert chaos["chaos/divergence/init_distance_sampled"][0] == pytest.approx(analytic, rel=0.25)
+    layout = chaos_layout()["lightning_chaos"]["trajectory divergence"][1]
+    assert all(any(re.match(rx, key) for rx in layout) for key in chaos if "divergence" in key)
+
+
+def test_resume_is_exact(tmp_path):
+    def run(ckpt_path=None):
+        pl.seed_everything(0, verbose=False)
+        logger = MemoryLogger()
+        div = TrajectoryDivergence(directions=["chaotic", "random"], init_samples=2)
+        ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+        tr = trainer([div, ckpt], logger=logger, max_steps=-1, max_epochs=2, enable_checkpointing=True)
+        # no dropout: Lightning does not checkpoint the global random state, so masks would differ on resume
+        tr.fit(TinyModule(batchnorm=True), loader(shuffle=False), ckpt_path=ckpt_path)
+        return logger.chaos(), div
+
+    full, full_div = run()
+    resumed, resumed_div = run(ckpt_path=tmp_path / "epoch=0.ckpt")
+    assert set(resumed["chaos/divergence/random"]) == {4, 5, 6, 7, 8}
+    for key, values in resumed.items():
+        for step, value in values.items():
+            assert full[key][step] == value, (key, step)
+    assert full_div.distances == resumed_div.distances and full_div.results == resumed_div.results
+
+
+class Diverging(TinyModule):
+    """Least squares at a huge learning rate: the weights (and the twins') overflow to inf, then NaN."""
+
+    def __init__(self, **kwargs):
+        super().__init__(lr=1e4, momentum=0.0)
+        self.net = nn.Linear(8, 3)
+
+    def _loss(self, batch):
+        x, y = batch
+        return (self.net(x) - nn.functional.one_hot(y, 3)).pow(2).mean()
+
+
+def test_a_diverging_twin_is_dropped_and_training_goes_on():
+    div = TrajectoryDivergence(directions=["random"], init_samples=0)
+    fit([div], Diverging, max_steps=16)
+    assert div.diverged == {"random"} and not math.isfinite(div.distances["random"][-1])
+    assert div.results["num_steps"] == 16  # on_train_end ran; the fit uses the finite prefix
+    assert all(math.isfinite(v) for v in div.results["fit"].get("random", ()))
+
+
+def test_unsupported_setups_and_bad_arguments():
+    with pytest.raises(MisconfigurationException, match="accumulation"):
+        trainer([TrajectoryDivergence()], accumulate_grad_batches=2).fit(TinyModule(), loader())
+    with pytest.raises(MisconfigurationException, match="max_exact_params"):
+        trainer([TrajectoryDivergence(max_exact_params=10)], max_steps=1).fit(TinyModule(), loader())
+    for kwargs, name in [
+        ({"epsilon": 0}, "epsilon"),
+        ({"directions": ["sideways"]}, "directions"),
+        ({"directions": []}, "directions"),
+        ({"init_samples": -1}, "init_samples"),
+    ]:
+        with pytest.raises(MisconfigurationException, match=name):
+            TrajectoryDivergence(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# core.divergence
+
+
+def test_seed_a8_init_distance_is_sqrt2_too_large():
+    mlp = nn.Sequential(nn.Linear(784, 20), nn.ReLU(), nn.Linear(20, 10))
+    expected = math.sqrt(2 / 3 * (20 + 20 / 784 + 10 + 10 / 20))
+    assert default_init_distance(mlp) == pytest.approx(expected, rel=1e-12)
+    assert expected == pytest.approx(4.5111, abs=1e-4)
+    seed_value = math.sqrt(4 * 30 / 3 + 4 * 20 / (3 * 784) + 4 * 10 / (3 * 20))  # A.8's own expression
+    assert seed_value == pytest.approx(6.38, abs=5e-3) and seed_value / expected == pytest.approx(
+        math.sqrt(2)
+    )
+
+
+def test_analytic_init_distance_matches_sampling():
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 10),
+        nn.Linear(10, 3),
+    )
+    state = torch.get_rng_state()
+    samples = sampled_init_distances(model, num_pairs=400, seed=1)
+    assert torch.equal(state, torch.get_rng_state())  # the global stream is untouched
+    rms = float(samples.pow(2).mean().sqrt())
+    # E d² is exact; its sampling error is std(d²)/√n
+    stderr = float(samples.pow(2).std() / math.sqrt(samples.numel())) / (2 * rms)
+    assert abs(rms - default_init_distance(model)) < 4 * stderr
+    with pytest.raises(ValueError, match="Bilinear"):
+        default_init_distance(nn.Bilinear(2, 2, 1))
+
+
+def test_fit_recovers_a_planted_divergence_law():
+    t = torch.arange(50, dtype=torch.float64)
+    a, b = fit_divergence(torch.sqrt(0.3**2 * t**2 + 2.0 * t))
+    assert a == pytest.approx(0.3, rel=1e-9) and b == pytest.approx(2.0, rel=1e-9)
+    a, b = fit_divergence(torch.sqrt(5.0 * t))  # pure diffusion: a = 0 under the b >= 0, a² >= 0 constraint
+    assert a == pytest.approx(0.0, abs=1e-6) and b == pytest.approx(5.0, rel=1e-9)
+
+
+def test_random_walk_distance_matches_simulation():
+    gen = torch.Generator().manual_seed(0)
+    steps, dim, sigma = 30, 50, 0.2
+    walks = torch.randn(2000, 2, steps, dim, generator=gen, dtype=torch.float64) * sigma
+    d = (walks[:, 0].sum(1) - walks[:, 1].sum(1)).norm(dim=1)
+    assert float(d.pow(2).mean().sqrt()) == pytest.approx(random_walk_distance(steps, dim, sigma), rel=0.02)
