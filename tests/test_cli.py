@@ -58,19 +58,28 @@ def load(class_path):
 
 
 def fast(configs, tmp_path):
-    """``--config`` arguments for ``configs`` plus an override: warm-up capped, no download."""
-    data, callbacks = None, []
+    """``--config`` arguments for ``configs`` plus an override: warm-up capped, no dense spectra of the
+    larger paper models (CGD by Lanczos, random twins only), no download."""
+    data, callbacks, optimizer = None, [], None
     for config in configs:  # what the composition resolves to: the last config that sets a key wins
         cfg = yaml.safe_load(config.read_text())
         data = cfg.get("data", data)
         callbacks = cfg.get("trainer", {}).get("callbacks", callbacks)
+        optimizer = cfg.get("optimizer", optimizer)
     capped = []
     for entry in callbacks:
         entry = {"init_args": {}, **entry}
         if "warmup_iters" in inspect.signature(load(entry["class_path"])).parameters:
             entry["init_args"] = {**entry["init_args"], "warmup_iters": 1}
+        if entry["class_path"].endswith("TrajectoryDivergence"):  # exact spectra are tested on tiny models
+            entry["init_args"] = {**entry["init_args"], "directions": ["random"]}
         capped.append(entry)
     override = {"trainer": {"callbacks": capped}}
+    if optimizer is not None and optimizer["class_path"].endswith("CGD"):  # a 2-pair Lanczos, not N HVPs
+        override["optimizer"] = {
+            **optimizer,
+            "init_args": {**optimizer["init_args"], "method": "lanczos", "k": 2},
+        }
     if data["class_path"] not in EMBEDDED:
         datamodule = load(data["class_path"])(**data.get("init_args", {}))  # constructing never downloads
         override["data"] = {

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lightning_chaos.core.params import flatten
 from lightning_chaos.core.probe import FunctionalLoss, RNGState
-from lightning_chaos.core.spectrum import HessianOperator
+from lightning_chaos.core.spectrum import HessianOperator, symmetric_eigh
 from lightning_chaos.core.tangent import SGDHyperparameters, sgd_hyperparameters
 
 _RECORD = "_lightning_chaos_record"
@@ -228,7 +228,7 @@ class StepProbe:
         Dense (:meth:`dense` + ``eigh``): O(N²) memory and O(N³) time, for small models only.
         """
         if "eigh" not in self.cache:
-            self.cache["eigh"] = torch.linalg.eigh(self.dense())
+            self.cache["eigh"] = symmetric_eigh(self.dense())
         return self.cache["eigh"]
 
     def eigvalsh(self) -> Tensor:
@@ -240,7 +240,7 @@ class StepProbe:
         if "eigh" in self.cache:
             return self.cache["eigh"][0]
         if "eigvalsh" not in self.cache:
-            self.cache["eigvalsh"] = torch.linalg.eigvalsh(self.dense())
+            self.cache["eigvalsh"] = symmetric_eigh(self.dense(), eigenvectors=False)
         return self.cache["eigvalsh"]
 
     def g0(self) -> Tensor:

@@ -280,6 +280,33 @@ class HessianOperator:
         return torch.cat([self.matmat(eye[:, i : i + step]) for i in range(0, n, step)], dim=1)
 
 
+def symmetric_eigh(matrix: Tensor, eigenvectors: bool = True) -> Tensor | tuple[Tensor, Tensor]:
+    """``eigh`` (or ``eigvalsh``) of a symmetric matrix that does not give up on clustered spectra.
+
+    LAPACK's divide-and-conquer solver can fail to converge in float32 on matrices with large clusters of
+    (near-)repeated eigenvalues, which the Hessians of ReLU networks on small batches are (most
+    eigenvalues exactly 0). On such a failure the decomposition is redone in float64 and cast back.
+
+    Args:
+        matrix: symmetric ``(N, N)``.
+        eigenvectors: return ``(eigenvalues, eigenvectors)``; otherwise the eigenvalues only.
+
+    Returns:
+        Eigenvalues ascending ``(N,)`` (and eigenvectors ``(N, N)``, columns), in ``matrix.dtype``.
+
+    Raises:
+        torch.linalg.LinAlgError: if float64 fails too (NaN/inf entries).
+    """
+    solve = torch.linalg.eigh if eigenvectors else torch.linalg.eigvalsh
+    try:
+        return solve(matrix)
+    except torch.linalg.LinAlgError:
+        if matrix.dtype == torch.float64:
+            raise
+        out = solve(matrix.double())
+    return tuple(t.to(matrix.dtype) for t in out) if eigenvectors else out.to(matrix.dtype)
+
+
 def dense_hessian(loss_fn: LossFn, params: Sequence[Tensor]) -> Tensor:
     """Exact dense Hessian ``H_ij = ∂²L / ∂θ_i ∂θ_j`` of the flat loss, forward-over-reverse.
 

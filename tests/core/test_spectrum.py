@@ -728,3 +728,28 @@ def test_relu_zero_eigenvalues_are_edge_in_float32_and_float64():
     assert c64["n_chaotic"] + c64["n_edge"] + c64["n_stable"] == h64.numel()
     assert c64["n_negative"] + c64["n_zero"] + c64["n_positive"] == h64.numel()
     assert c64["n_chaotic"] == int((h64 < -DEFAULT_TOLERANCE * rho).sum())  # no curvature beyond 2/γ = 2 h0
+
+
+def test_symmetric_eigh_retries_in_float64_when_float32_lapack_fails(monkeypatch):
+    from lightning_chaos.core.spectrum import symmetric_eigh
+
+    a = torch.randn(6, 6)
+    a = a + a.T
+    real_eigh, real_eigvalsh = torch.linalg.eigh, torch.linalg.eigvalsh
+
+    def failing(solver):
+        def solve(m):
+            if m.dtype == torch.float32:
+                raise torch.linalg.LinAlgError("failed to converge")
+            return solver(m)
+
+        return solve
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing(real_eigh))
+    monkeypatch.setattr(torch.linalg, "eigvalsh", failing(real_eigvalsh))
+    values, vectors = symmetric_eigh(a)
+    assert values.dtype == vectors.dtype == torch.float32
+    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(symmetric_eigh(a, eigenvectors=False), values)
+    with pytest.raises(torch.linalg.LinAlgError):
+        symmetric_eigh(torch.full((3, 3), float("nan"), dtype=torch.float64))
