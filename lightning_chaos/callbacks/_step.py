@@ -21,6 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
@@ -29,6 +30,7 @@ from lightning_chaos.core.params import flatten
 from lightning_chaos.core.probe import FunctionalLoss, RNGState
 from lightning_chaos.core.spectrum import HessianOperator, symmetric_eigh
 from lightning_chaos.core.tangent import SGDHyperparameters, sgd_hyperparameters
+from lightning_chaos.dashboards import write_layout
 
 _RECORD = "_lightning_chaos_record"
 
@@ -133,6 +135,25 @@ def current_record(trainer: pl.Trainer) -> BatchRecord:
     if record is None:
         raise RuntimeError("No batch recorded: call record_batch() from on_train_batch_start.")
     return record
+
+
+class ProbeCallback(Callback):
+    """Base of the callbacks that probe the training batch: records it and writes the TensorBoard layout.
+
+    Subclasses set ``log_prefix`` and call ``super().on_fit_start`` when they extend that hook.
+    """
+
+    log_prefix: str = "chaos/"
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the TensorBoard custom-scalars layout (once per run)."""
+        write_layout(trainer, self.log_prefix)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Record the batch and the random state its training step starts from."""
+        record_batch(trainer, batch, batch_idx)
 
 
 @contextlib.contextmanager

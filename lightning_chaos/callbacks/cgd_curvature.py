@@ -5,16 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim import Optimizer
 
-from lightning_chaos.callbacks._step import StepProbe, check_supported, log_values, record_batch
-from lightning_chaos.dashboards import write_layout
+from lightning_chaos.callbacks._step import ProbeCallback, StepProbe, check_supported, log_values
 from lightning_chaos.optim import CGD
 
 
-class CGDCurvature(Callback):
+class CGDCurvature(ProbeCallback):
     """Feed :class:`~lightning_chaos.CGD` the curvature of each training step (needed by CGD in Lightning).
 
     In ``on_before_optimizer_step`` (inside ``CGD.step``'s closure, after the backward pass, before the base
@@ -55,19 +53,13 @@ class CGDCurvature(Callback):
                 f"CGDCurvature found no CGD optimizer (optimizers: {names}) and does nothing; return "
                 "lightning_chaos.CGD(torch.optim.SGD(self.parameters(), lr=...)) from configure_optimizers."
             )
-        write_layout(trainer, self.log_prefix)
+        super().on_fit_start(trainer, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Remember the step counters (a resumed CGD starts from its checkpointed count)."""
         self._seen_steps = {
             i: opt.num_steps for i, opt in enumerate(trainer.optimizers) if isinstance(opt, CGD)
         }
-
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        """Record the batch and the random state its training step starts from."""
-        record_batch(trainer, batch, batch_idx)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer

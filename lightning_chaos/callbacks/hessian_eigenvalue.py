@@ -5,16 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 
 from lightning_chaos.callbacks._args import positive_float, positive_int
-from lightning_chaos.callbacks._step import StepProbe, check_supported, log_values, record_batch
+from lightning_chaos.callbacks._step import ProbeCallback, StepProbe, check_supported, log_values
 from lightning_chaos.core.lyapunov import CurvatureEstimate, HessianEigenEstimator
-from lightning_chaos.dashboards import write_layout
 
 
-class HessianEigenvalueMonitor(Callback):
+class HessianEigenvalueMonitor(ProbeCallback):
     r"""Log the top Hessian eigenvalue(s) of every training step from the controlled Lyapunov iteration.
 
     At each computed step, in ``on_before_optimizer_step`` (after the backward pass, before clipping and
@@ -133,16 +131,6 @@ class HessianEigenvalueMonitor(Callback):
         """Reject set-ups the probe cannot handle, before any training happens."""
         if stage == "fit":
             check_supported(trainer, pl_module, type(self).__name__)
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Write the TensorBoard custom-scalars layout (once per run)."""
-        write_layout(trainer, self.log_prefix)
-
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        """Record the batch and the random state its training step starts from."""
-        record_batch(trainer, batch, batch_idx)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer

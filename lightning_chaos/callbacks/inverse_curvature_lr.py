@@ -6,18 +6,16 @@ import math
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
 
 from lightning_chaos.callbacks._args import choice, positive_float, positive_int
-from lightning_chaos.callbacks._step import log_values, record_batch
+from lightning_chaos.callbacks._step import ProbeCallback, log_values
 from lightning_chaos.callbacks.hessian_eigenvalue import HessianEigenvalueMonitor
-from lightning_chaos.dashboards import write_layout
 
 
-class InverseCurvatureLR(Callback):
+class InverseCurvatureLR(ProbeCallback):
     r"""Set every param group's learning rate to ``scale / h0`` each step (§3.1 of the ICLR submission).
 
     The curvature comes from the :class:`HessianEigenvalueMonitor` in the same Trainer when there is one
@@ -126,18 +124,12 @@ class InverseCurvatureLR(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the TensorBoard layout; refuse an LR scheduler (it would fight over the learning rate)."""
-        write_layout(trainer, self.log_prefix)
+        super().on_fit_start(trainer, pl_module)
         if trainer.lr_scheduler_configs:
             raise MisconfigurationException(
                 "InverseCurvatureLR sets the learning rate itself at every step; remove the LR scheduler "
                 "returned by `configure_optimizers` (or drop InverseCurvatureLR)."
             )
-
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        """Record the batch for the probe (shared with any monitor)."""
-        record_batch(trainer, batch, batch_idx)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer

@@ -6,18 +6,17 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_chaos.callbacks._args import choice, positive_float, positive_int
 from lightning_chaos.callbacks._step import (
+    ProbeCallback,
     StepProbe,
     check_sgd,
     check_supported,
     log_values,
-    record_batch,
     sgd_of,
 )
 from lightning_chaos.core.projection import gradient_overlaps, random_subspace_overlap, subspace_overlap
@@ -33,10 +32,9 @@ from lightning_chaos.core.spectrum import (
     stability_interval,
 )
 from lightning_chaos.core.tangent import SGDHyperparameters, sgd_first_step
-from lightning_chaos.dashboards import write_layout
 
 
-class LyapunovSpectrumMonitor(Callback):
+class LyapunovSpectrumMonitor(ProbeCallback):
     r"""Count chaotic / edge / stable Hessian eigenvalues of SGD and log the local Lyapunov exponents.
 
     Seed 001 (A.1–A.5): one SGD step has the tangent map :math:`J = I - \gamma(H + \mathrm{wd}\,I)`, so
@@ -195,13 +193,7 @@ class LyapunovSpectrumMonitor(Callback):
         """Check the optimizer (one ``torch.optim.SGD``) and write the TensorBoard layout."""
         check_sgd(trainer, type(self).__name__)
         self._hyperparameters(trainer.optimizers[0])
-        write_layout(trainer, self.log_prefix)
-
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        """Record the batch and the random state its training step starts from."""
-        record_batch(trainer, batch, batch_idx)
+        super().on_fit_start(trainer, pl_module)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer

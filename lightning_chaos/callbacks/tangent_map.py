@@ -6,29 +6,27 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_chaos.callbacks._args import positive_int
 from lightning_chaos.callbacks._step import (
+    ProbeCallback,
     StepProbe,
     check_sgd,
     check_supported,
     log_values,
-    record_batch,
     sgd_of,
 )
 from lightning_chaos.core.spectrum import lanczos_eigenpairs, local_lyapunov_exponents, log_tangent_map_norm
 from lightning_chaos.core.tangent import FiniteTimeLyapunov, apply_tangent_map, sgd_first_step
-from lightning_chaos.dashboards import write_layout
 
 DEFAULT_COLUMNS = 10
 """Tangent directions followed when the model is too large for the full map and ``num_columns`` is None."""
 
 
-class TangentMapMonitor(Callback):
+class TangentMapMonitor(ProbeCallback):
     r"""Accumulate the tangent map of the SGD run and log its finite-time Lyapunov exponents (seed 001, A.6).
 
     The tangent map of T steps is the product :math:`Y_T = J_T \cdots J_1` of the one-step maps of the
@@ -146,13 +144,7 @@ class TangentMapMonitor(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check the optimizer (one ``torch.optim.SGD``) and write the TensorBoard layout."""
         check_sgd(trainer, type(self).__name__)
-        write_layout(trainer, self.log_prefix)
-
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        """Record the batch and the random state its training step starts from."""
-        record_batch(trainer, batch, batch_idx)
+        super().on_fit_start(trainer, pl_module)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer

@@ -9,7 +9,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -19,12 +18,12 @@ from torch.optim import Optimizer
 from lightning_chaos.callbacks._args import choice, positive_float, positive_int
 from lightning_chaos.callbacks._step import (
     BatchRecord,
+    ProbeCallback,
     StepProbe,
     check_supported,
     current_record,
     log_values,
     loss_closure,
-    record_batch,
     sgd_of,
 )
 from lightning_chaos.core.divergence import (
@@ -36,14 +35,13 @@ from lightning_chaos.core.divergence import (
 from lightning_chaos.core.params import flatten, unflatten
 from lightning_chaos.core.probe import FunctionalLoss
 from lightning_chaos.core.spectrum import DEFAULT_TOLERANCE, classify_eigenvalues, local_lyapunov_exponents
-from lightning_chaos.dashboards import write_layout
 from lightning_chaos.optim import CGD
 
 DIRECTIONS = ("max_chaotic", "chaotic", "random", "non_chaotic", "max_non_chaotic")
 """Perturbation directions, from the most to the least chaotic (the order seed 001 C.4 expects)."""
 
 
-class TrajectoryDivergence(Callback):
+class TrajectoryDivergence(ProbeCallback):
     r"""Train perturbed twins of the model on exactly the main run's batches and log how far they drift.
 
     At the first optimizer step each twin is a copy of the LightningModule (and of its optimizer, state
@@ -188,13 +186,7 @@ class TrajectoryDivergence(Callback):
             raise MisconfigurationException(
                 f"TrajectoryDivergence needs exactly one optimizer, got {len(trainer.optimizers)}."
             )
-        write_layout(trainer, self.log_prefix)
-
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        """Record the batch and the random state its training step starts from."""
-        record_batch(trainer, batch, batch_idx)
+        super().on_fit_start(trainer, pl_module)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
