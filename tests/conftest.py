@@ -44,3 +44,13 @@ def planted_spectrum(n=40, top=(10.0, 8.0, 7.0), bottom=-3.0, seed=0):
     return torch.cat(
         [torch.tensor(top, dtype=torch.float64), torch.tensor([bottom], dtype=torch.float64), rest]
     )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The test models are tiny: intra-op threads gain nothing and, on a shared 2-core machine, make small
+    linear algebra several times slower through contention (measured 5-20x on this project's tests)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

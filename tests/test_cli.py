@@ -36,16 +36,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models: one intra-op thread is as fast, and does not stall when other processes share the CPU
-    (with 2 OpenMP threads on a loaded 2-core machine the quasi-Newton test took 69 s instead of 3 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def in_tmp_path(tmp_path, monkeypatch):
     """Default log directories (chaos_logs/, lightning_logs/) land in tmp_path."""

@@ -13,16 +13,6 @@ from test_hessian_eigenvalue_monitor import fit_state
 from lightning_chaos import LyapunovSpectrumMonitor
 from lightning_chaos.core.spectrum import lanczos_eigenpairs, slq, slq_spectral_counts
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small linear algebra on a shared 2-core machine: intra-op threads only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # γ = 0.2: 2/γ = 10; 1/γ = 5 is avoided (its LLE is -inf); two exact zeros and one h = 2/γ exactly.
 PLANTED = [-3.0, -0.5, 0.0, 0.0, 0.3, 1.0, 4.0, 4.5, 9.0, 10.0, 12.0, 20.0]
 

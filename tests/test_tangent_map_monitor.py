@@ -14,14 +14,6 @@ from lightning_chaos.core.tangent import sgd_tangent_map
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 H = [-3.0, -0.5, 0.0, 0.3, 1.0, 4.0, 4.5, 9.0, 12.0, 20.0]
 
 

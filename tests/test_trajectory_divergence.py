@@ -23,15 +23,6 @@ from lightning_chaos.core.spectrum import local_lyapunov_exponents
 from lightning_chaos.dashboards import chaos_layout
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # models of a few hundred parameters gain nothing from intra-op threads on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class CGDTiny(TinyModule):
     def configure_optimizers(self):
         return CGD(

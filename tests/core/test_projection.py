@@ -20,16 +20,6 @@ from lightning_chaos.core.tangent import sgd_tangent_map
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny linear algebra gains nothing from intra-op threads, and on a loaded 2-core machine two OpenMP
-    # threads per op made these tests 5x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def orthonormal(n, k, seed):
     q, _ = torch.linalg.qr(torch.randn(n, k, generator=torch.Generator().manual_seed(seed), dtype=F64))
     return q

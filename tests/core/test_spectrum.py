@@ -32,16 +32,6 @@ from lightning_chaos.core.tangent import sgd_tangent_map
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny linear algebra gains nothing from intra-op threads, and on a loaded 2-core machine two OpenMP
-    # threads per op made these tests 5x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mlp_loss(sizes=(3, 6, 4), batch=9, act=torch.tanh, dtype=F64, seed=0):
     """Functional cross-entropy loss of a small MLP on a fixed batch, and its parameters."""
     gen = torch.Generator().manual_seed(seed)  # drawn in float64 so that every dtype sees the same network

@@ -21,16 +21,6 @@ from lightning_chaos.core.tangent import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny linear algebra gains nothing from intra-op threads, and on a loaded 2-core machine two OpenMP
-    # threads per op made these tests 5x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SIZES = (3, 4, 2)
 
 
