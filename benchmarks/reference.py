@@ -23,7 +23,6 @@ and keep only PyHessian's stopping rule here.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -237,7 +236,13 @@ def exact_spectrum(hessian: Tensor) -> ExactSpectrum:
     values = torch.linalg.eigvalsh(h).flip(0)
     dim = h.shape[0]
     run = lanczos(
-        lambda x: h @ x, dim, min(dim, 150), dtype=torch.float64, reorthogonalize=True, top_vector=True
+        lambda x: h @ x,
+        dim,
+        min(dim, 150),
+        dtype=torch.float64,
+        device=h.device,
+        reorthogonalize=True,
+        top_vector=True,
     )
     vector = run.top_vector
     assert vector is not None
@@ -245,10 +250,3 @@ def exact_spectrum(hessian: Tensor) -> ExactSpectrum:
         abs(float(values[0])), 1e-30
     )
     return ExactSpectrum(values, vector, residual)
-
-
-def relative_top_error(estimate: float, reference: float) -> float:
-    """Relative error ``|estimate − reference| / |reference|`` (nan when either is not finite)."""
-    if not (math.isfinite(estimate) and math.isfinite(reference)) or reference == 0:
-        return math.nan
-    return abs(estimate - reference) / abs(reference)

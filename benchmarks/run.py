@@ -1,6 +1,8 @@
 """Run the lightning_chaos benchmarks and write their markdown tables.
 
-    python benchmarks/run.py --device cpu --out benchmarks/README.md     # full CPU run (~15 min on 2 cores)
+    python benchmarks/run.py --device cpu --models mlp,small_resnet --out benchmarks/README.md   # ~6 min
+    python benchmarks/run.py --device cpu --only timing --models resnet18 --tag cpu-resnet18 \
+        --out benchmarks/README.md                                       # ~10 min on 2 shared cores
     python benchmarks/run.py --device cuda --out benchmarks/README.md    # full GPU run
     python benchmarks/run.py --smoke --out /tmp/bench.md                 # tiny sizes for CI (< 30 s)
 
