@@ -268,7 +268,7 @@ class StepProbe:
         """Gradient ``g(θ)`` of the probe's loss, ``(N,)``: the training gradient when reusable."""
         if self._g0 is None:
             if self.reuses_gradient:
-                self._g0 = flatten([p.grad for p in self._params]).detach().clone()
+                self._g0 = flatten([p.grad for p in self._params]).detach()  # torch.cat: already a copy
             else:
                 self._g0 = self.loss.gradient()
         return self._g0
@@ -324,6 +324,17 @@ class StepProbe:
         return probe
 
 
+def _callback_metrics(trainer: pl.Trainer) -> dict[str, Tensor]:
+    """The dict that ``trainer.callback_metrics`` returns, without the property's recomputation.
+
+    The public property first re-reduces every value the module logged with ``self.log`` in this step and
+    merges it into this dict (about 0.1 ms per access for a small classifier, paid on every monitored step);
+    the logger connector's dict is the very object the property returns, so updating it is equivalent.
+    """
+    store = getattr(getattr(trainer, "_logger_connector", None), "_callback_metrics", None)
+    return store if isinstance(store, dict) else trainer.callback_metrics
+
+
 def log_values(trainer: pl.Trainer, values: dict[str, float], prefix: str) -> None:
     """Send the finite ``values`` of this step to every logger and to ``trainer.callback_metrics``.
 
@@ -335,7 +346,8 @@ def log_values(trainer: pl.Trainer, values: dict[str, float], prefix: str) -> No
     finite = {f"{prefix}{k}": float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
     if not finite:
         return
-    trainer.callback_metrics.update({k: torch.tensor(v) for k, v in finite.items()})
+    # one tensor, unbound into 0-dim views: a tenth of the cost of one torch.tensor() per key
+    _callback_metrics(trainer).update(zip(finite, torch.tensor(list(finite.values())).unbind()))
     if trainer.is_global_zero:
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:

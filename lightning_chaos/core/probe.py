@@ -109,7 +109,17 @@ class FunctionalLoss:
         self.names = [name for name, _ in named]
         self.params = [p.detach() for _, p in named]
         self._wrapper = _Call(module, compute)
-        self._buffers = dict(module.named_buffers())
+        # Every name under which a tensor is reachable (tied weights share one tensor under several names),
+        # resolved once here so that each evaluation can call functional_call with tie_weights=False: its
+        # own tie resolution walks the whole module on every call, the dominant overhead for small models.
+        aliases: dict[int, list[str]] = {}
+        for name, tensor in module.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(tensor), []).append(f"module.{name}")
+        self._param_keys = [aliases.get(id(p), [f"module.{n}"]) for n, p in named]
+        buffer_aliases: dict[int, tuple[list[str], Tensor]] = {}
+        for name, tensor in module.named_buffers(remove_duplicate=False):
+            buffer_aliases.setdefault(id(tensor), ([], tensor))[0].append(f"module.{name}")
+        self._buffers = list(buffer_aliases.values())
         self.rng_state = rng_state
         self.context = context or contextlib.nullcontext
         self.loss_scale = float(loss_scale)
@@ -138,11 +148,13 @@ class FunctionalLoss:
         Raises:
             ValueError: if the closure does not return a scalar tensor.
         """
-        mapping = {f"module.{n}": t for n, t in zip(self.names, params)}
-        mapping.update({f"module.{n}": b.clone() for n, b in self._buffers.items()})
+        mapping = {key: t for keys, t in zip(self._param_keys, params) for key in keys}
+        for keys, buffer in self._buffers:
+            copy = buffer.clone()  # in-place updates (BatchNorm running stats) hit the copy
+            mapping.update(dict.fromkeys(keys, copy))
         replay = self.rng_state.replay() if self.rng_state is not None else contextlib.nullcontext()
         with replay, self.context():
-            loss = torch.func.functional_call(self._wrapper, mapping, ())
+            loss = torch.func.functional_call(self._wrapper, mapping, (), tie_weights=False)
         if isinstance(loss, dict):
             loss = loss.get("loss")
         if not isinstance(loss, Tensor) or loss.numel() != 1:
@@ -156,7 +168,9 @@ class FunctionalLoss:
         else:
             leaves = [(p + dq).requires_grad_() for p, dq in zip(self.params, perturbation)]
         with torch.enable_grad():
-            loss = self(leaves) * self.loss_scale
+            loss = self(leaves)
+            if self.loss_scale != 1.0:
+                loss = loss * self.loss_scale
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
 
@@ -200,7 +214,8 @@ class FunctionalLoss:
     def _vmapped(self, perturbations: Tensor) -> Tensor:
         def grad_at(column: Tensor) -> Tensor:
             def scaled_loss(pieces: list[Tensor]) -> Tensor:
-                return self([p + dq for p, dq in zip(self.params, pieces)]) * self.loss_scale
+                loss = self([p + dq for p, dq in zip(self.params, pieces)])
+                return loss * self.loss_scale if self.loss_scale != 1.0 else loss
 
             return flatten(torch.func.grad(scaled_loss)(unflatten(column, self.params)))
 

@@ -108,3 +108,42 @@ def test_dict_output_with_loss_key():
     x = torch.randn(4, 3)
     fl = FunctionalLoss(net, lambda: {"loss": net(x).sum(), "other": 1})
     assert fl.gradient().shape == (4,)
+
+
+class TiedNet(nn.Module):
+    """Encoder and decoder share one weight; BatchNorm's running mean is registered under a second name."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(4, 4, bias=False)
+        self.decoder = nn.Linear(4, 4)
+        self.decoder.weight = self.encoder.weight
+        self.norm = nn.BatchNorm1d(4, dtype=torch.float64)
+        self.register_buffer("alias_of_running_mean", self.norm.running_mean)
+        self.double()  # converts module by module: tie the buffer again afterwards
+        self.alias_of_running_mean = self.norm.running_mean
+
+    def forward(self, x):
+        return self.decoder(torch.tanh(self.norm(self.encoder(x))))
+
+
+def test_tied_weights_are_perturbed_under_every_name():
+    torch.manual_seed(0)
+    net = TiedNet()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    names = [n for n, _ in net.named_parameters()]
+    assert "decoder.weight" not in names  # named_parameters() lists the shared weight once
+    loss = FunctionalLoss(net, lambda: nn.functional.mse_loss(net(x), y))
+    q = torch.randn(loss.dim, dtype=torch.float64) * 0.1
+    copy = TiedNet()
+    copy.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        for c, dq in zip(copy.parameters(), unflatten(q, list(net.parameters()))):
+            c.add_(dq)  # the copy's decoder uses the perturbed shared weight too
+    nn.functional.mse_loss(copy(x), y).backward()
+    expected = flatten([p.grad for p in copy.parameters()])
+    torch.testing.assert_close(loss.gradient(q), expected)
+    torch.testing.assert_close(loss.gradients(torch.stack([q, q], dim=1))[:, 1], expected)
+    before = net.norm.running_mean.clone()
+    loss.gradient(q)
+    assert torch.equal(net.norm.running_mean, before) and net.alias_of_running_mean is net.norm.running_mean
