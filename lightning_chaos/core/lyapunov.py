@@ -144,32 +144,24 @@ class ControlledLyapunov:
         basis = self._ensure_basis(dim, dtype, torch.device(device))
         delta = self.delta_q * float(scale)
         beta = self.beta
-        response = apply(delta * basis)  # B Q
-        b_basis = (response / delta).double()  # B U
-        u = basis.double()
-        mapped = u + beta * b_basis  # (I + βB) U
-        new_basis, r = torch.linalg.qr(mapped)
-        signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(r.dtype)
-        new_basis, diag = new_basis * signs, torch.diagonal(r).abs()
-        exponents = torch.log(diag)
-        projected = u.T @ b_basis
-        ritz, vectors = torch.linalg.eigh(0.5 * (projected + projected.T))
-        ritz, vectors = ritz.flip(0), vectors.flip(1)
-        residuals = torch.linalg.vector_norm(b_basis @ vectors - (u @ vectors) * ritz, dim=0)
+        b_basis = apply(delta * basis) / delta  # B U
+        measure = self._measure_vector if self.k == 1 else self._measure_block
+        exponents, ritz, residuals, new_basis = measure(basis, b_basis, beta)
         eigenvalues = torch.expm1(exponents) / beta
         # Growth below a few hundred ulps of the parameters' dtype is rounding, not curvature (e.g. a
         # finite difference that cancelled to zero at huge weights): treat it as "no measurable growth".
         floor = 100 * torch.finfo(dtype).eps
-        next_beta = beta / float(exponents[0])
-        valid = bool(
-            torch.isfinite(b_basis).all()
-            and torch.isfinite(eigenvalues).all()
-            and exponents[0] > floor
+        lam0 = float(exponents[0])
+        next_beta = beta / lam0 if lam0 > 0 else math.inf
+        valid = (
+            bool(torch.isfinite(b_basis).all())
+            and bool(torch.isfinite(eigenvalues).all())
+            and lam0 > floor
             and math.isfinite(next_beta)
         )
         if not valid:
             rayleigh = float(ritz[0])
-            if 0.0 < exponents[0] <= floor and math.isfinite(rayleigh) and rayleigh > 0:
+            if 0.0 < lam0 <= floor and math.isfinite(rayleigh) and rayleigh > 0:
                 self.beta = (math.e - 1) / rayleigh  # β far too small for this curvature: re-aim it
             self.num_restarts += 1
             self._randomize(dim, dtype, torch.device(device))
@@ -177,8 +169,41 @@ class ControlledLyapunov:
             return LyapunovStep(False, nan, nan, nan, nan, beta)
         self.beta = next_beta
         self.basis = new_basis.to(dtype=dtype)
-        self.recent.append(float(exponents[0]))
+        self.recent.append(lam0)
         return LyapunovStep(True, exponents, eigenvalues, ritz, residuals, beta)
+
+    @staticmethod
+    def _measure_block(u: Tensor, b_u: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Benettin QR of ``(I + βB)U`` and Rayleigh–Ritz on ``span(U)``, in float64.
+
+        Returns:
+            ``(exponents (k,), Ritz values descending (k,), Ritz residuals (k,), next basis (N, k))``.
+        """
+        u, b_u = u.double(), b_u.double()
+        new_basis, r = torch.linalg.qr(u + beta * b_u)
+        signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(r.dtype)
+        exponents = torch.log(torch.diagonal(r).abs())
+        projected = u.T @ b_u
+        ritz, vectors = torch.linalg.eigh(0.5 * (projected + projected.T))
+        ritz, vectors = ritz.flip(0), vectors.flip(1)
+        residuals = torch.linalg.vector_norm(b_u @ vectors - (u @ vectors) * ritz, dim=0)
+        return exponents, ritz, residuals, new_basis * signs
+
+    @staticmethod
+    def _measure_vector(u: Tensor, b_u: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The ``k = 1`` case of :meth:`_measure_block` from two dot products, in the parameters' dtype.
+
+        With ``‖u‖ = 1``, ``ρ = uᵀBu`` and ``s = ‖Bu‖²``: ``‖(I + βB)u‖² = 1 + 2βρ + β²s``, and the
+        Rayleigh residual is ``‖Bu − ρu‖ = √(s − ρ²)``. No float64 copies of N-vectors, no QR (the
+        block path costs several times the probe's gradient on large models).
+        """
+        d = u + beta * b_u
+        rho, s = float(u[:, 0] @ b_u[:, 0]), float(b_u[:, 0] @ b_u[:, 0])
+        growth = 1.0 + 2.0 * beta * rho + beta * beta * s
+        exponent = 0.5 * math.log(growth) if growth > 0 else -math.inf
+        residual = math.sqrt(max(s - rho * rho, 0.0))
+        exponents, ritz, residuals = torch.tensor([[exponent], [rho], [residual]], dtype=torch.float64)
+        return exponents, ritz, residuals, d / torch.linalg.vector_norm(d)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the iteration exactly: direction, β, generator, history."""

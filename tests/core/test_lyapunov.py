@@ -163,3 +163,14 @@ def test_beta_far_too_small_is_re_aimed_from_the_rayleigh_quotient():
     assert not step.valid
     assert it.beta == pytest.approx((math.e - 1) / 1e-9, rel=1e-3)
     assert it.iterate(lambda q: 1e-9 * q, 5, dtype=torch.float32).valid
+
+
+def test_vector_fast_path_equals_the_block_qr_ritz_path():
+    gen = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(30, 1, generator=gen, dtype=torch.float64)).Q
+    a = torch.randn(30, 30, generator=gen, dtype=torch.float64)
+    b_u = (a + a.T) @ u
+    fast = ControlledLyapunov._measure_vector(u, b_u, 0.3)
+    block = ControlledLyapunov._measure_block(u, b_u, 0.3)
+    for x, y in zip(fast, block):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
