@@ -394,6 +394,26 @@ def test_slq_spectral_counts_within_two_percent_of_exact():
     assert estimate["n_chaotic"] + estimate["n_edge"] + estimate["n_stable"] == pytest.approx(n)
 
 
+def test_slq_without_reorthogonalisation_keeps_the_counts_and_is_chosen_for_large_bases(monkeypatch):
+    h = resolvable_spectrum()
+    n, lr = h.numel(), 0.1
+    exact = spectral_counts(h, lr)
+
+    def run(**kwargs):
+        gen = torch.Generator().manual_seed(1)
+        return slq(lambda v: h * v, n, 10, 80, gen, distribution="gaussian", dtype=F64, **kwargs)
+
+    plain = run(reorthogonalize=False)
+    assert torch.allclose(plain[1].sum(dim=1), torch.ones(10, dtype=F64))  # still a probability measure
+    estimate = slq_spectral_counts(*plain, n, lr)
+    for key, value in exact.items():
+        assert abs(estimate[key] - value) <= 0.02 * n, (key, estimate[key], value)
+    # the 10 x 80 x 2000 float64 basis is 12.8 MB: reorthogonalised by default, not below a smaller budget
+    assert all(torch.equal(a, b) for a, b in zip(run(), resolvable_slq()))
+    monkeypatch.setattr("lightning_chaos.core.spectrum.SLQ_REORTHOGONALIZE_BYTES", 10 * 80 * n * 8 - 1)
+    assert all(torch.equal(a, b) for a, b in zip(run(), plain))
+
+
 def test_slq_bounds_bracket_the_exact_probe_masses_of_a_relu_like_spectrum():
     # Dense bulk through 0 plus an atom of exact zeros: the point estimate of the sign split is unreliable
     # at moderate m, but the Chebyshev-Markov-Stieltjes bracket must contain the exact probe masses.
