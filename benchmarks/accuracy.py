@@ -6,7 +6,8 @@ One Lightning training run per network (SGD, lr 0.1, batch 128 of the embedded 8
 list, :class:`ExactReference`. Monitors never change training, so all of them watch the very same
 trajectory. Every ``every`` steps, in ``on_before_optimizer_step`` (after every monitor has produced its
 estimate at this θ and batch, before the update), the reference computes the exact Hessian of the same batch
-at the same θ (``torch.func.hessian``), its eigenvalues (``eigvalsh`` in float64) and top eigenvector, and:
+at the same θ (the shared probe's dense Hessian, N exact Hessian-vector products), its eigenvalues
+(``eigvalsh`` in float64) and top eigenvector, and:
 
 * (a) the relative error of each monitor's estimates against the exact ``h0`` (``h_min`` for
   ``most_negative``, the exact top-4 for ``top_k=4``);
@@ -29,7 +30,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 
 from benchmarks.common import fmt, make_trainer, markdown_table, median, pct, progress, quantile
-from benchmarks.reference import dense_hessian, exact_spectrum
+from benchmarks.reference import exact_spectrum
 from lightning_chaos import HessianEigenvalueMonitor
 from lightning_chaos.callbacks._step import StepProbe
 from lightning_chaos.data import DigitsDataModule
@@ -128,7 +129,7 @@ class ExactReference(Callback):
         probe = StepProbe.current(trainer, pl_module)  # the monitors' full-batch probe: same θ, batch, RNG
         loss = probe.loss
         self.num_params = loss.dim
-        spectrum = exact_spectrum(dense_hessian(loss))
+        spectrum = exact_spectrum(probe.dense())
         point = Point(
             step=step,
             h0=spectrum.h0,

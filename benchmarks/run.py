@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks import accuracy, timing  # noqa: E402
+from benchmarks import accuracy, slq, timing  # noqa: E402
 from benchmarks.common import device_description, quiet, resolve_device  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch intra-op threads (default on CPU: 1, see benchmarks/README.md; on CUDA: torch's default)",
     )
     parser.add_argument(
-        "--only", default="accuracy,timing", help="comma-separated parts to run: accuracy, timing"
+        "--only", default="accuracy,timing,slq", help="comma-separated parts to run: accuracy, timing, slq"
     )
     parser.add_argument(
         "--models", default="mlp,small_resnet,resnet18", help="comma-separated networks of the timing part"
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> str:
     if threads is not None:
         torch.set_num_threads(threads)
     parts = {p.strip() for p in args.only.split(",") if p.strip()}
-    unknown = parts - {"accuracy", "timing"}
+    unknown = parts - {"accuracy", "timing", "slq"}
     if unknown:
         raise SystemExit(f"--only: unknown parts {sorted(unknown)}")
     tag = args.tag or ("smoke-" if args.smoke else "") + device.type
@@ -173,10 +173,36 @@ def main(argv: list[str] | None = None) -> str:
         ]
         record["timing"] = [timing.raw(r) for r in results]
 
+    if "slq" in parts:
+        exact_runs = [slq.run_exact_case(case, device) for case in slq.exact_cases(args.smoke)]
+        large = slq.run_large(device, args.smoke)
+        sections += [
+            "#### (d) SLQ counts of the spectrum monitor against the exact counts (N of a few thousand)",
+            slq.EXACT_CAPTION,
+            slq.exact_table(exact_runs),
+            "#### (e) SLQ counts on a ~1M-parameter model against a long-run reference",
+            slq.large_table(large) + "\n\n" + slq.plain_step_note(large),
+        ]
+        record["slq"] = {
+            "exact": [
+                {
+                    "network": r.case.label,
+                    "lr": r.case.lr,
+                    "parameters": r.num_params,
+                    "points": [vars(p) for p in r.points],
+                }
+                for r in exact_runs
+            ],
+            "large": {
+                "network": large.label,
+                "parameters": large.num_params,
+                "plain_step": large.plain_step,
+                "monitor_seconds": large.monitor_seconds,
+                "points": [vars(p) for p in large.points],
+            },
+        }
+
     sections += [
-        "#### SLQ counts on a ~1M-parameter model",
-        "Skipped: the spectrum monitor's stochastic Lanczos quadrature lives in "
-        "`lightning_chaos/core/spectrum.py`, which is not merged yet.",
         f"Total wall time of this run: {time.perf_counter() - started:.0f} s." + load_note(load_start),
     ]
     block = results_block(tag, sections)

@@ -43,13 +43,7 @@ from benchmarks.common import (
     relative_error,
     timed,
 )
-from benchmarks.reference import (
-    DoubleBackwardHVP,
-    dense_hessian,
-    exact_spectrum,
-    lanczos,
-    power_iteration,
-)
+from benchmarks.reference import exact_spectrum, hessian_operator, lanczos_top, power_iteration
 from lightning_chaos import HessianEigenvalueMonitor
 from lightning_chaos.callbacks._step import StepProbe
 from lightning_chaos.data import DigitsDataModule, SyntheticDataModule
@@ -321,7 +315,8 @@ class ReferencePoint(Callback):
     ) -> None:
         if trainer.global_step not in self.steps:
             return
-        loss = StepProbe.current(trainer, pl_module).loss
+        probe = StepProbe.current(trainer, pl_module)
+        loss = probe.loss
         dim, dtype = loss.dim, loss.params[0].dtype
         self.num_params = dim
         point: dict[str, MethodResult] = {}
@@ -332,16 +327,15 @@ class ReferencePoint(Callback):
             point[key + " (Rayleigh)"] = MethodResult(est.h0_rayleigh if valid else math.nan)
 
         def run_power() -> tuple[float, int]:
-            hvp = DoubleBackwardHVP(loss)
-            result = power_iteration(hvp, dim, tol=1e-3, max_iter=100, dtype=dtype, device=self.device)
+            hvp = hessian_operator(loss)
+            result = power_iteration(hvp.matvec, dim, tol=1e-3, max_iter=100, dtype=dtype, device=self.device)
             return result.eigenvalue, hvp.num_hvps
 
         def run_lanczos(steps: int) -> Callable[[], tuple[float, int]]:
             def go() -> tuple[float, int]:
-                hvp = DoubleBackwardHVP(loss)
+                hvp = hessian_operator(loss)
                 reorth = steps * dim * torch.finfo(dtype).bits / 8 <= self.reorth_bytes
-                result = lanczos(hvp, dim, steps, dtype=dtype, device=self.device, reorthogonalize=reorth)
-                return result.top, hvp.num_hvps
+                return lanczos_top(hvp, steps, reorthogonalize=reorth), hvp.num_hvps
 
             return go
 
@@ -355,7 +349,7 @@ class ReferencePoint(Callback):
             progress(f"step {trainer.global_step}: {key}: h0 {value:.4g}, {hvps} HVPs, {seconds:.1f} s")
         if dim <= self.exact_limit:
             start = time.perf_counter()
-            exact = exact_spectrum(dense_hessian(loss)).h0
+            exact = exact_spectrum(probe.dense()).h0
             point["eigvalsh"] = MethodResult(exact, time.perf_counter() - start)
         self.points.append(point)
 

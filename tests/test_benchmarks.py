@@ -14,13 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.reference import (  # noqa: E402
-    DoubleBackwardHVP,
-    dense_hessian,
     exact_spectrum,
-    lanczos,
+    hessian_operator,
+    lanczos_top,
     power_iteration,
 )
 from benchmarks.run import write_block  # noqa: E402
+from lightning_chaos.core.params import unflatten  # noqa: E402
 from lightning_chaos.core.probe import FunctionalLoss  # noqa: E402
 
 
@@ -81,8 +81,13 @@ def test_smoke_run_writes_every_table(smoke):
     assert all(row[4].endswith("×") for row in timing)  # a ratio for the monitor on every network
     errors = table_rows(text, "| network | points | reference h0")
     assert len(errors) == 3
-    assert "SLQ" in text and "not merged" in text
+    exact_slq = table_rows(text, "| network | lr | N | points |")
+    assert [row[:4] for row in exact_slq] == [["digits MLP 64-8-10 relu", "0.1", "610", "2"]]
+    assert all(cell.endswith("%") for cell in exact_slq[0][4:9])  # median / max error per tolerance
+    large = table_rows(text, "| network | N | step |")
+    assert [row[2] for row in large] == ["0", "2"]
     assert len(raw["timing"]) == 3 and len(raw["accuracy"]) == 2
+    assert len(raw["slq"]["exact"]) == 1 and len(raw["slq"]["large"]["points"]) == 2
 
 
 def test_results_block_is_replaced_not_duplicated(tmp_path):
@@ -100,26 +105,25 @@ def test_competitors_find_the_planted_top_eigenvalue():
     eigenvalues[0] = 10.0  # h0 = 10, gap to 3 makes power iteration converge quickly
     model = Quadratic(eigenvalues)
     loss = FunctionalLoss(model, model)
-    hvp = DoubleBackwardHVP(loss)
-    torch.testing.assert_close(hvp(torch.eye(30, dtype=torch.float64)[:, 3]), model.A[:, 3])
-    power = power_iteration(hvp, 30, tol=1e-8, dtype=torch.float64)
+    hvp = hessian_operator(loss)
+    torch.testing.assert_close(hvp.matvec(torch.eye(30, dtype=torch.float64)[:, 3]), model.A[:, 3])
+    power = power_iteration(hvp.matvec, 30, tol=1e-8, dtype=torch.float64)
     assert power.converged and power.eigenvalue == pytest.approx(10.0, rel=1e-6)
-    run = lanczos(hvp, 30, 30, dtype=torch.float64, top_vector=True)
-    torch.testing.assert_close(run.ritz_values, torch.sort(eigenvalues, descending=True).values)
-    assert abs(float(run.top_vector @ model.eigenvectors[:, 0])) == pytest.approx(1.0, abs=1e-8)
-    plain = lanczos(hvp, 30, 30, dtype=torch.float64, reorthogonalize=False)
-    assert plain.top == pytest.approx(10.0, rel=1e-8)
+    assert lanczos_top(hvp, 30) == pytest.approx(10.0, rel=1e-10)
+    assert lanczos_top(hvp, 30, reorthogonalize=False) == pytest.approx(10.0, rel=1e-8)
+    assert lanczos_top(hvp, 3) < 10.0  # from inside the spectrum before it converged
 
 
-def test_dense_hessian_and_exact_spectrum_of_a_network():
+def test_exact_spectrum_of_a_network():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
     loss = FunctionalLoss(net, lambda: nn.functional.mse_loss(net(x), y))
-    hessian = dense_hessian(loss)
-    hvp = DoubleBackwardHVP(loss)
-    v = torch.randn(loss.dim, dtype=torch.float64)
-    torch.testing.assert_close(hessian @ v, hvp(v))
+    hessian = torch.func.hessian(lambda theta: loss(unflatten(theta, loss.params)))(loss.theta())
+    torch.testing.assert_close(hessian_operator(loss).to_dense(), hessian)
     spectrum = exact_spectrum(hessian)
     torch.testing.assert_close(spectrum.eigenvalues, torch.linalg.eigvalsh(hessian).flip(0))
     assert spectrum.top_vector_residual < 1e-8
+    assert abs(float(spectrum.top_vector @ torch.linalg.eigh(hessian).eigenvectors[:, -1])) == pytest.approx(
+        1.0
+    )

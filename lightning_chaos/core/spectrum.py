@@ -58,6 +58,7 @@ __all__ = [
     "lanczos_eigenpairs",
     "local_lyapunov_exponents",
     "log_tangent_map_norm",
+    "ritz_values",
     "slq",
     "slq_count",
     "slq_count_bounds",
@@ -237,6 +238,8 @@ class HessianOperator:
         return _vjp_of_grad(ps, flat_grad, v, batched=False)
 
     def _hmm(self, block: Tensor) -> Tensor:
+        if block.shape[1] == 1:  # Lanczos steps: a plain product, no batching machinery
+            return self._hvp(block[:, 0]).unsqueeze(1)
         if self._batching_works:
             try:
                 if self.method == "forward_over_reverse":
@@ -504,6 +507,42 @@ def _tridiagonal_eigh(alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
         off = beta.to(torch.float64)
         t = t + torch.diag(off, 1) + torch.diag(off, -1)
     return torch.linalg.eigh(t)
+
+
+def ritz_values(
+    op: Tensor | _MatrixLike | Callable[[Tensor], Tensor],
+    num_steps: int,
+    *,
+    dim: int | None = None,
+    v0: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    reorthogonalize: bool = True,
+) -> Tensor:
+    """Ritz values of one ``num_steps``-step Lanczos run: the eigenvalues of T, descending.
+
+    The extreme ones converge first, from inside the spectrum. Without ``reorthogonalize`` no Lanczos
+    basis is stored (memory O(N) instead of O(mN), no O(m²N) reorthogonalisation): converged values then
+    reappear as copies ("ghosts"), which duplicates but does not move them, so the extreme values stay
+    accurate.
+
+    Args:
+        op: dense symmetric ``(N, N)`` tensor, an operator with ``matmat``/``matvec`` and ``shape``, or a bare
+            matvec (then ``dim`` is required).
+        num_steps: Lanczos steps m (capped at N).
+        dim: N, for a bare matvec.
+        v0: starting vector ``(N,)``; default a Gaussian vector drawn with ``generator``.
+        generator: random generator for the default ``v0``.
+        reorthogonalize: full reorthogonalisation.
+
+    Returns:
+        ``(m,)`` float64 Ritz values, descending (fewer than ``num_steps`` after an early breakdown).
+    """
+    matmat, dim, dtype, device = _as_matmat(op, dim, None, None)
+    start = _random_block(dim, 1, generator, dtype, device) if v0 is None else v0.reshape(dim, 1)
+    alpha, beta, _, (m,) = _lanczos_runs(
+        matmat, start.to(dtype=dtype, device=device), num_steps, reorthogonalize, keep_basis=False
+    )
+    return _tridiagonal_eigh(alpha[0, :m], beta[0, : m - 1])[0].flip(0)
 
 
 def lanczos_eigenpairs(
