@@ -33,11 +33,10 @@ from benchmarks.common import (
     median,
     pct,
     progress,
-    synchronize,
     timed,
 )
 from lightning_chaos import LyapunovSpectrumMonitor
-from lightning_chaos.callbacks._step import StepProbe, sgd_of
+from lightning_chaos.callbacks._step import StepProbe
 from lightning_chaos.core.spectrum import (
     DEFAULT_TOLERANCE,
     SLQ_TOLERANCE,
@@ -65,12 +64,6 @@ def worst_error(estimate: dict[str, float], exact: dict[str, float], dim: int) -
     return max(abs(estimate[k] - exact[k]) for k in COUNTS) / dim
 
 
-def sgd_kwargs(optimizer: Optimizer) -> dict[str, Any]:
-    """``lr`` and the map keyword arguments of the coming SGD update."""
-    hp = sgd_of(optimizer, "benchmark")
-    return {"lr": hp.lr, **hp.map_kwargs()}
-
-
 class TimedSpectrumMonitor(LyapunovSpectrumMonitor):
     """The monitor, recording the wall time of each computed step (CUDA-synchronised)."""
 
@@ -84,11 +77,8 @@ class TimedSpectrumMonitor(LyapunovSpectrumMonitor):
     ) -> None:
         if trainer.global_step % self.every_n_steps != 0:
             return
-        synchronize(self.device)
-        start = time.perf_counter()
-        super().on_before_optimizer_step(trainer, pl_module, optimizer)
-        synchronize(self.device)
-        self.seconds.append(time.perf_counter() - start)
+        step = super().on_before_optimizer_step
+        self.seconds.append(timed(lambda: step(trainer, pl_module, optimizer), self.device)[1])
 
 
 def spectrum_monitors(device: torch.device, every: int, seed: int) -> dict[float, TimedSpectrumMonitor]:
@@ -136,7 +126,7 @@ class ExactCounts(Callback):
             return
         probe = StepProbe.current(trainer, pl_module)
         dim = self.num_params = probe.loss.dim
-        hp = sgd_kwargs(optimizer)
+        hp = next(iter(self.monitors.values()))._hyperparameters(optimizer)  # what the monitors classify with
         eigenvalues, seconds = timed(lambda: torch.linalg.eigvalsh(probe.dense().double()), self.device)
         exact = {tol: spectral_counts(eigenvalues, tolerance=tol, **hp) for tol in TOLERANCES}
         errors = {tol: worst_error(m.latest, exact[tol], dim) for tol, m in self.monitors.items()}
@@ -269,7 +259,7 @@ class LongReference(Callback):
         if trainer.global_step % self.monitor.every_n_steps != 0:
             return
         probe = StepProbe.current(trainer, pl_module)
-        dim, hp = probe.loss.dim, sgd_kwargs(optimizer)
+        dim, hp = probe.loss.dim, self.monitor._hyperparameters(optimizer)
         self.result.num_params = dim
         runs, seconds = {}, {}
         for m in sorted(self.result.steps, reverse=True):  # same probes: the shorter run is a prefix
