@@ -54,6 +54,19 @@ class CheckGlobal(Callback):
             assert abs(est.h0 - global_h0) / global_h0 < 1e-3, (est.h0, global_h0, local_h0)
 
 
+class DestroyProcessGroup(Callback):
+    """Destroys the gloo process group in each worker after the Trainer's teardown.
+
+    Lightning registers this only for NCCL; a gloo group left to interpreter shutdown intermittently
+    aborted a worker ("terminate called without an active exception") after ``fit`` had finished.
+    """
+
+    def teardown(self, trainer, pl_module, stage):
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
 @pytest.fixture
 def file_system_sharing():
     """Tensors reach the spawned workers through shared memory; fd passing is refused in some sandboxes."""
@@ -68,5 +81,6 @@ def test_ddp_estimate_is_the_global_batch_hessian_on_every_rank(file_system_shar
     x = torch.randn(64, 6, generator=gen) * torch.linspace(0.5, 3.0, 6)
     y = torch.randn(64, generator=gen)
     monitor = HessianEigenvalueMonitor(warmup_iters=500, warmup_tol=1e-6)
-    tr = trainer([monitor, CheckGlobal(monitor)], strategy="ddp_spawn", devices=2, max_steps=3)
+    callbacks = [monitor, CheckGlobal(monitor), DestroyProcessGroup()]
+    tr = trainer(callbacks, strategy="ddp_spawn", devices=2, max_steps=3)
     tr.fit(LeastSquares(), DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True))
