@@ -1,4 +1,9 @@
-"""CGD: chaos-aware gradient descent (seed 001, A.7) as a wrapper around the update of any optimizer."""
+"""CGD: chaos-aware gradient descent as a wrapper around the update of any optimizer.
+
+Herrmann, Granz and Landgraf, "Chaotic Dynamics are Intrinsic to Neural Network Training with SGD"
+(NeurIPS 2022), appendix A.7. The optimizer imports only the numerical core: in Lightning the callback
+:class:`~lightning_chaos.CGDCurvature` hands it each step's curvature.
+"""
 
 from __future__ import annotations
 
@@ -9,27 +14,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_chaos.callbacks._step import StepProbe
+from lightning_chaos.core.functional_loss import FunctionalLoss
 from lightning_chaos.core.params import flatten, unflatten
-from lightning_chaos.core.probe import FunctionalLoss
-from lightning_chaos.core.projection import STRATEGIES, select_directions
-from lightning_chaos.core.spectrum import DEFAULT_TOLERANCE, classify_eigenvalues, lanczos_eigenpairs
-from lightning_chaos.core.tangent import SGDHyperparameters, sgd_hyperparameters
+from lightning_chaos.core.pruning import METHODS, STRATEGIES, removal_basis
+from lightning_chaos.core.sgd import SGDHyperparameters
+from lightning_chaos.core.stability import EXACT_EDGE_TOLERANCE
+from lightning_chaos.core.step_curvature import StepCurvature
+from lightning_chaos.core.validation import check_choice, check_int, check_number
 
-__all__ = ["CGD", "CGD_STRATEGIES", "METHODS"]
-
-CGD_STRATEGIES = (*STRATEGIES, "positive_curvature")
-"""What CGD can remove: the chaos criteria of ``select_directions``, or all positive curvature."""
-
-METHODS = ("exact", "lanczos")
-"""How CGD finds the eigendirections: dense ``eigh`` of the batch Hessian, or Lanczos extremes."""
-
-_LANCZOS_ENDS = {
-    "chaotic": "both",
-    "positive": "largest",
-    "negative": "smallest",
-    "positive_curvature": "largest",
-}
+__all__ = ["CGD"]
 
 _MISSING_CURVATURE = (
     "CGD.step() needs the Hessian of this step's batch and none was set. Lightning: add "
@@ -48,18 +41,18 @@ class CGD(Optimizer):
     .. math:: \Delta\tilde\theta = P\,\Delta\theta, \qquad P = I - V V^\top,
 
     where the orthonormal columns of ``V`` are the eigenvectors of the current batch's Hessian ``H(θ)``
-    selected by ``strategy`` (seed 001, A.7; :func:`~lightning_chaos.core.projection.select_directions`):
+    selected by ``strategy`` (:func:`~lightning_chaos.core.pruning.select_directions`):
 
     * ``"chaotic"``: positive local Lyapunov exponent, ``h̃ < 0`` or ``h̃ > u``;
     * ``"negative"``: negative curvature, ``h̃ < 0``;
     * ``"positive"``: curvature beyond the stability edge, ``h̃ > u``;
     * ``"positive_curvature"``: every direction of positive curvature, ``h̃ > 0`` (not a chaos criterion:
-      ``0 < h̃ < u`` is stable). It is the reading of seed 001's B.1 "pruning of the full positive spectrum"
-      under which its claims can hold: in its own runs the count above ``2/γ`` is "effectively zero"
-      (B.2.1), so ``"positive"`` would leave them plain SGD (see ``examples/cgd_divergence.md``);
+      ``0 < h̃ < u`` is stable). It is the reading of the paper's "pruning of the full positive spectrum"
+      under which its claims can hold: in its own runs the count above ``2/γ`` is "effectively zero", so
+      ``"positive"`` would leave them plain SGD (see ``examples/cgd_divergence.md``);
 
     with ``h̃ = h + wd`` and ``u = 2/γ`` for plain SGD (the momentum, dampening and Nesterov boundaries of
-    :func:`~lightning_chaos.core.spectrum.stability_interval` otherwise). γ, μ, τ and wd are read from the
+    :func:`~lightning_chaos.core.stability.stability_interval` otherwise). γ, μ, τ and wd are read from the
     base optimizer's param groups at every refresh (so LR schedulers are followed); for a base other than
     ``torch.optim.SGD`` the plain-SGD boundary ``2/lr`` is used (the LLE criterion is derived for SGD; with
     Adam & co. only ``"negative"`` keeps its exact meaning). Edge directions (within ``tolerance`` of 0 or
@@ -78,13 +71,11 @@ class CGD(Optimizer):
       not a velocity): the state is left exactly as the base wrote it. With SGD momentum the components of
       the velocity along removed directions then stay in the buffer and re-enter the update on the next
       steps, whose batches select slightly different directions (the per-batch eigenvectors rotate): the
-      pruning leaks. Measured on the digits reproduction (``examples/cgd_divergence.md``): ``"negative"``
-      with μ = 0.9 trains like plain SGD with the buffer kept (val. accuracy 0.96 after 300 steps) and
-      barely trains with it projected (0.24), as without momentum.
+      pruning leaks (measured in ``examples/cgd_divergence.md``).
 
     **Methods.** ``"exact"``: dense Hessian and ``eigh`` (``O(N²)`` memory, ``O(N³)`` time: up to a few
     thousand parameters per step on a CPU); with ``k`` set, at most the ``k`` largest and the ``k`` most
-    negative of the selected eigenvalues are removed, else all selected directions (the seed's
+    negative of the selected eigenvalues are removed, else all selected directions (the paper's
     "full spectrum" pruning). ``"lanczos"``: ``k`` extreme Ritz pairs from one Lanczos run on exact
     Hessian-vector products (``"chaotic"``: top-k and bottom-k; ``"positive"`` and ``"positive_curvature"``:
     top-k; ``"negative"``: bottom-k), of which only those meeting the criterion are removed; the start
@@ -102,10 +93,11 @@ class CGD(Optimizer):
 
     ``CGD.step(closure)`` runs the closure first (forward, backward and the callbacks'
     ``on_before_optimizer_step``, where :class:`~lightning_chaos.CGDCurvature` sets the curvature), then the
-    base step and the projection. The Hessian is the shared per-step probe of the chaos callbacks
-    (``StepProbe``): DDP-averaged, and computed once per step even with a ``LyapunovSpectrumMonitor`` in
-    the same Trainer. LR schedulers (``StepLR(cgd, ...)``), ``LearningRateMonitor`` (reads the base through
-    :attr:`optimizer`), gradient clipping and checkpoints work as with the base optimizer. With
+    base step and the projection. The Hessian is the shared per-step curvature of the chaos callbacks
+    (:class:`~lightning_chaos.core.step_curvature.StepCurvature`): DDP-averaged, and computed once per
+    step even with a ``LyapunovSpectrumMonitor`` in the same Trainer. LR schedulers
+    (``StepLR(cgd, ...)``), ``LearningRateMonitor`` (reads the base through :attr:`optimizer`), gradient
+    clipping and checkpoints work as with the base optimizer. With
     LightningCLI pass the base as a callable (``optimizer: {class_path: lightning_chaos.CGD, init_args:
     {base: {class_path: torch.optim.SGD, init_args: {lr: 0.1}}, strategy: chaotic}}``).
 
@@ -132,7 +124,8 @@ class CGD(Optimizer):
         k: directions per end of the spectrum (required for ``"lanczos"``; ``None`` with ``"exact"``
             removes every selected direction).
         every_n_steps: recompute the directions on every n-th step, reuse them in between.
-        tolerance: edge half-width relative to the spectral radius (see ``classify_eigenvalues``).
+        tolerance: edge half-width relative to the spectral radius (see
+            :func:`~lightning_chaos.core.stability.classify_eigenvalues`).
         seed: seed of CGD's own generator (Lanczos start vectors).
         base: factory ``params -> Optimizer``, used when ``params`` are parameters.
         project_momentum: also project a ``torch.optim.SGD`` momentum buffer (see above); no effect on
@@ -157,7 +150,7 @@ class CGD(Optimizer):
         method: Literal["exact", "lanczos"] = "exact",
         k: int | None = None,
         every_n_steps: int = 1,
-        tolerance: float = DEFAULT_TOLERANCE,
+        tolerance: float = EXACT_EDGE_TOLERANCE,
         seed: int = 0,
         base: Callable[[Iterable[Any]], Optimizer] | None = None,
         project_momentum: bool = True,
@@ -176,24 +169,14 @@ class CGD(Optimizer):
             )
         if not isinstance(optimizer, Optimizer) or isinstance(optimizer, CGD):
             raise TypeError(f"the base must be a torch.optim.Optimizer other than CGD, got {type(optimizer)}")
-        if strategy not in CGD_STRATEGIES:
-            raise ValueError(f"strategy must be one of {CGD_STRATEGIES}, got {strategy!r}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"k must be None or an integer >= 1, got {k!r}")
+        self.strategy = check_choice("strategy", strategy, STRATEGIES)
+        self.method = check_choice("method", method, METHODS)
+        self.k = None if k is None else check_int("k", k)
         if method == "lanczos" and k is None:
             raise ValueError("method='lanczos' needs k (the number of extreme eigenpairs per end)")
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
-        if not tolerance >= 0:
-            raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
+        self.every_n_steps = check_int("every_n_steps", every_n_steps)
+        self.tolerance = check_number("tolerance", tolerance, 0.0, high_open=True)
         self.optimizer = optimizer
-        self.strategy = strategy
-        self.method = method
-        self.k = k
-        self.every_n_steps = every_n_steps
-        self.tolerance = float(tolerance)
         self.project_momentum = bool(project_momentum)
         self.num_steps = 0
         self.last_removed = 0
@@ -201,7 +184,7 @@ class CGD(Optimizer):
         self.removed_eigenvalues = torch.empty(0)
         self._basis: Tensor | None = None
         self._generator = torch.Generator().manual_seed(seed)
-        self._curvature: StepProbe | None = None
+        self._curvature: StepCurvature | None = None
         # The Optimizer machinery (step hooks, profiling) without creating param groups of its own: those are
         # the base's (properties below). __setstate__ is torch's own initialiser of exactly that machinery.
         Optimizer.__setstate__(self, {})
@@ -233,21 +216,22 @@ class CGD(Optimizer):
     def defaults(self, value: dict[str, Any]) -> None:
         self.optimizer.defaults = value
 
-    def set_curvature(self, curvature: FunctionalLoss | StepProbe) -> None:
+    def set_curvature(self, curvature: FunctionalLoss | StepCurvature) -> None:
         """Provide the loss of the coming step's batch at the current parameters (consumed by the next step).
 
         Cheap: nothing is computed until the step needs the directions (refresh steps only).
 
         Args:
-            curvature: a :class:`~lightning_chaos.core.probe.FunctionalLoss` of the batch (plain PyTorch), or
-                the trainer's shared ``StepProbe`` (what :class:`~lightning_chaos.CGDCurvature` passes, so the
+            curvature: a :class:`~lightning_chaos.core.functional_loss.FunctionalLoss` of the batch (plain
+                PyTorch), or the step's shared :class:`~lightning_chaos.core.step_curvature.StepCurvature`
+                (what :class:`~lightning_chaos.CGDCurvature` passes, so the
                 eigendecomposition is shared with the other chaos callbacks of the step).
         """
         if isinstance(curvature, FunctionalLoss):
-            curvature = StepProbe(curvature, [], reuses_gradient=False)
-        if not isinstance(curvature, StepProbe):
+            curvature = StepCurvature(curvature)
+        if not isinstance(curvature, StepCurvature):
             raise TypeError(
-                f"curvature must be a FunctionalLoss or a StepProbe, got {type(curvature).__name__}"
+                f"curvature must be a FunctionalLoss or a StepCurvature, got {type(curvature).__name__}"
             )
         self._curvature = curvature
 
@@ -278,18 +262,18 @@ class CGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        probe, self._curvature = self._curvature, None
-        if probe is None:
+        curvature, self._curvature = self._curvature, None
+        if curvature is None:
             raise RuntimeError(_MISSING_CURVATURE)
-        params = probe.loss.params
+        params = curvature.loss.params
         self._check_parameters(params)
         if self.num_steps % self.every_n_steps == 0 or self._basis is None:
-            self._basis, self.removed_eigenvalues = self._directions(probe)
+            self._basis, self.removed_eigenvalues = self._directions(curvature)
         basis = self._basis.to(device=params[0].device, dtype=params[0].dtype)
-        if basis.shape[0] != probe.loss.dim:
+        if basis.shape[0] != curvature.loss.dim:
             raise RuntimeError(
                 f"CGD's stored directions span {basis.shape[0]} parameters but the curvature has "
-                f"{probe.loss.dim}: the set of trainable parameters changed"
+                f"{curvature.loss.dim}: the set of trainable parameters changed"
             )
         ratio = 1.0
         with torch.no_grad():
@@ -313,7 +297,7 @@ class CGD(Optimizer):
         """γ, μ, τ, Nesterov and wd that define the chaos criterion, read from the base's param groups now.
 
         Returns:
-            All five for a ``torch.optim.SGD`` base (see ``core.tangent.sgd_hyperparameters``); for any other
+            All five for a ``torch.optim.SGD`` base (:meth:`SGDHyperparameters.from_optimizer`); for any other
             base its shared learning rate with μ = τ = wd = 0 (plain-SGD boundary ``2/lr``).
 
         Raises:
@@ -321,7 +305,7 @@ class CGD(Optimizer):
                 the SGD formulas do not cover (e.g. ``maximize=True``).
         """
         if isinstance(self.optimizer, torch.optim.SGD):
-            return sgd_hyperparameters(self.optimizer)
+            return SGDHyperparameters.from_optimizer(self.optimizer)
         rates = {float(g["lr"]) for g in self.param_groups if g["params"]}
         if len(rates) != 1:
             raise ValueError(f"CGD needs one learning rate shared by all param groups, got {sorted(rates)}")
@@ -351,40 +335,20 @@ class CGD(Optimizer):
                 "build the FunctionalLoss over the optimizer's parameters (params=...)"
             )
 
-    def _directions(self, probe: StepProbe) -> tuple[Tensor, Tensor]:
+    def _directions(self, curvature: StepCurvature) -> tuple[Tensor, Tensor]:
         """Orthonormal basis ``V`` ``(N, r)`` of the directions to remove, and their eigenvalues ``(r,)``."""
-        hp = self.hyperparameters()
         try:
-            if self.method == "exact":
-                values, vectors = probe.eigh()
-            else:
-                which = _LANCZOS_ENDS[self.strategy]
-                dim = probe.loss.dim
-                k = max(1, min(self.k, dim // 2 if which == "both" else dim))
-                values, vectors = lanczos_eigenpairs(probe.hessian(), k, which, generator=self._generator)
-        except (torch.linalg.LinAlgError, FloatingPointError) as err:
-            raise FloatingPointError(
-                f"CGD step {self.num_steps}: the batch Hessian is not finite ({err})"
-            ) from err
-        if not torch.isfinite(values).all():
-            raise FloatingPointError(
-                f"CGD step {self.num_steps}: the batch Hessian is not finite (loss diverged?)"
+            return removal_basis(
+                curvature,
+                self.hyperparameters(),
+                self.strategy,
+                self.method,
+                self.k,
+                self.tolerance,
+                self._generator,
             )
-        if self.strategy == "positive_curvature":
-            mask = classify_eigenvalues(values, hp.lr, self.tolerance, **hp.map_kwargs())["positive"]
-        else:
-            mask = select_directions(values, hp.lr, self.strategy, self.tolerance, **hp.map_kwargs())
-        index = mask.nonzero().flatten()
-        if self.k is not None and index.numel():
-            shifted = values[index] + hp.weight_decay
-            below, above = index[shifted < 0], index[shifted >= 0]
-            below = below[torch.argsort(values[below])[: self.k]]
-            above = above[torch.argsort(values[above], descending=True)[: self.k]]
-            index = torch.cat([below, above])
-        basis = vectors[:, index]
-        if self.method == "lanczos" and basis.shape[1] > 1:
-            basis = torch.linalg.qr(basis).Q  # Ritz vectors are orthonormal only to Lanczos accuracy
-        return basis.detach(), values[index].detach()
+        except FloatingPointError as err:
+            raise FloatingPointError(f"CGD step {self.num_steps}: {err}") from err
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict plus CGD's own entry ``"cgd"`` (counters, directions, generator).

@@ -7,8 +7,10 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim import Optimizer
+from typing_extensions import override
 
-from lightning_chaos.callbacks._step import ProbeCallback, StepProbe, check_supported, log_values
+from lightning_chaos.callbacks._base import ProbeCallback, log_values
+from lightning_chaos.callbacks._batch import step_curvature
 from lightning_chaos.optim import CGD
 
 
@@ -16,10 +18,11 @@ class CGDCurvature(ProbeCallback):
     """Feed :class:`~lightning_chaos.CGD` the curvature of each training step (needed by CGD in Lightning).
 
     In ``on_before_optimizer_step`` (inside ``CGD.step``'s closure, after the backward pass, before the base
-    optimizer moves θ) it passes the trainer's shared per-step probe (``StepProbe``) to the CGD being
-    stepped. CGD computes the eigendirections from it only on its refresh steps, so the callback costs
-    nothing on the others, and the exact eigendecomposition is shared with any other chaos callback of the
-    step (e.g. ``LyapunovSpectrumMonitor``) and DDP-averaged. The loss is ``curvature_loss(batch)`` when the
+    optimizer moves θ) it passes the trainer's shared curvature of the step (a
+    :class:`~lightning_chaos.core.step_curvature.StepCurvature`) to the CGD being stepped. CGD computes the
+    eigendirections from it only on its refresh steps, so the callback costs nothing on the others, and
+    the exact eigendecomposition is shared with any other chaos callback of the step (e.g.
+    ``LyapunovSpectrumMonitor``) and DDP-averaged. The loss is ``curvature_loss(batch)`` when the
     module defines it, else ``training_step`` with logging muted (see ``HessianEigenvalueMonitor``); with
     gradient accumulation it is the last micro-batch's.
 
@@ -40,11 +43,7 @@ class CGDCurvature(ProbeCallback):
         self.log_prefix = log_prefix
         self._seen_steps: dict[int, int] = {}
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Reject set-ups the probe cannot handle, before any training happens."""
-        if stage == "fit":
-            check_supported(trainer, pl_module, type(self).__name__)
-
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Require a CGD optimizer and write the TensorBoard layout."""
         if not any(isinstance(opt, CGD) for opt in trainer.optimizers):
@@ -55,19 +54,22 @@ class CGDCurvature(ProbeCallback):
             )
         super().on_fit_start(trainer, pl_module)
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Remember the step counters (a resumed CGD starts from its checkpointed count)."""
         self._seen_steps = {
             i: opt.num_steps for i, opt in enumerate(trainer.optimizers) if isinstance(opt, CGD)
         }
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        """Hand the CGD being stepped the probe of this step's batch."""
+        """Hand the CGD being stepped the curvature of this step's batch."""
         if isinstance(optimizer, CGD):
-            optimizer.set_curvature(StepProbe.current(trainer, pl_module))
+            optimizer.set_curvature(step_curvature(trainer, pl_module))
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:

@@ -6,10 +6,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 from torch.optim import Optimizer
+from typing_extensions import override
 
-from lightning_chaos.callbacks._args import positive_float, positive_int
-from lightning_chaos.callbacks._step import ProbeCallback, StepProbe, check_supported, log_values
-from lightning_chaos.core.lyapunov import CurvatureEstimate, HessianEigenEstimator
+from lightning_chaos.callbacks._base import SKIPPED, ProbeCallback, log_values
+from lightning_chaos.callbacks._batch import step_curvature
+from lightning_chaos.callbacks._checks import int_arg, number_arg
+from lightning_chaos.core.controlled_lyapunov import CurvatureEstimate, HessianEigenEstimator
+from lightning_chaos.core.step_curvature import StepCurvature
 
 
 class HessianEigenvalueMonitor(ProbeCallback):
@@ -17,7 +20,7 @@ class HessianEigenvalueMonitor(ProbeCallback):
 
     At each computed step, in ``on_before_optimizer_step`` (after the backward pass, before clipping and
     before ``optimizer.step``), the monitor runs ``n_iter`` iterations of the controlled Lyapunov iteration
-    (DESIGN.md §1) at the current parameters θ on the current batch, warm-started from the previous step's
+    at the current parameters θ on the current batch, warm-started from the previous step's
     direction. With gradient reuse one iteration costs one extra gradient (``top_k`` for top-k, plus one
     for ``most_negative``). The first computed step also runs a bounded warm-up at that point, because a
     random direction needs tens of iterations to align with the top eigenvector.
@@ -89,14 +92,14 @@ class HessianEigenvalueMonitor(ProbeCallback):
         window: int = 20,
         log_prefix: str = "chaos/",
     ) -> None:
-        self.every_n_steps = positive_int("every_n_steps", every_n_steps)
-        self.n_iter = positive_int("n_iter", n_iter)
-        self.top_k = positive_int("top_k", top_k)
-        self.window = positive_int("window", window)
-        self.delta_q = positive_float("delta_q", delta_q)
-        self.warmup_tol = positive_float("warmup_tol", warmup_tol)
-        self.probe_fraction = positive_float("probe_fraction", probe_fraction, upper=1.0)
-        self.warmup_iters = positive_int("warmup_iters", warmup_iters, minimum=0)
+        self.every_n_steps = int_arg("every_n_steps", every_n_steps)
+        self.n_iter = int_arg("n_iter", n_iter)
+        self.top_k = int_arg("top_k", top_k)
+        self.window = int_arg("window", window)
+        self.delta_q = number_arg("delta_q", delta_q, 0.0, low_open=True, high_open=True)
+        self.warmup_tol = number_arg("warmup_tol", warmup_tol, 0.0, low_open=True, high_open=True)
+        self.probe_fraction = number_arg("probe_fraction", probe_fraction, 0.0, 1.0, low_open=True)
+        self.warmup_iters = int_arg("warmup_iters", warmup_iters, minimum=0)
         self.most_negative = bool(most_negative)
         self.relative_delta_q = bool(relative_delta_q)
         self.reuse_gradient = bool(reuse_gradient)
@@ -113,25 +116,9 @@ class HessianEigenvalueMonitor(ProbeCallback):
         self.latest: CurvatureEstimate | None = None
         self.skipped_steps = 0
         self.warmup_iterations: int | None = None
-        self._last_probe: StepProbe | None = None
+        self._last_curvature: StepCurvature | None = None
 
-    @property
-    def state_key(self) -> str:
-        """Unique per configuration, so two monitors in one Trainer keep separate checkpoint state."""
-        return self._generate_state_key(
-            every_n_steps=self.every_n_steps,
-            top_k=self.top_k,
-            most_negative=self.most_negative,
-            delta_q=self.delta_q,
-            seed=self.seed,
-            log_prefix=self.log_prefix,
-        )
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Reject set-ups the probe cannot handle, before any training happens."""
-        if stage == "fit":
-            check_supported(trainer, pl_module, type(self).__name__)
-
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
@@ -150,32 +137,43 @@ class HessianEigenvalueMonitor(ProbeCallback):
         """
         if trainer.global_step % self.every_n_steps != 0:
             return None
-        probe = StepProbe.current(trainer, pl_module, fraction=self.probe_fraction)
-        if probe is self._last_probe:
+        curvature = step_curvature(trainer, pl_module, fraction=self.probe_fraction)
+        if curvature is self._last_curvature:
             return self.latest
-        self._last_probe = probe
-        spent = probe.loss.num_gradients
-        g0 = probe.g0() if (self.reuse_gradient or not probe.reuses_gradient) else probe.loss.gradient()
-        spent = probe.loss.num_gradients - spent  # g(θ), when it is not the training gradient
-        values: dict[str, float] = {}
-        if self.warmup_iterations is None and self.warmup_iters > 0:
-            self.warmup_iterations, _ = self._estimator.warmup(
-                probe.loss, g0=g0, max_iters=self.warmup_iters, tol=self.warmup_tol
-            )
-            values["warmup_iters"] = self.warmup_iterations
-        estimate = self._estimator.step(probe.loss, g0=g0, n_iter=self.n_iter)
-        estimate.num_gradients += spent
+        self._last_curvature = curvature
+        values: dict[str, float | None] = {}
+        try:
+            estimate = self._estimate(curvature, values)
+        except SKIPPED as err:
+            self.skip(trainer, err)
+            estimate = CurvatureEstimate(valid=False)
+        else:
+            if not estimate.valid:
+                self.skipped_steps += 1
         self.latest = estimate
         if estimate.valid:
             values.update(self._loggable(estimate))
-        else:
-            self.skipped_steps += 1
         values["skipped_steps"] = self.skipped_steps
         log_values(trainer, values, self.log_prefix)
         return estimate
 
-    def _loggable(self, estimate: CurvatureEstimate) -> dict[str, float]:
-        values = {
+    def _estimate(self, curvature: StepCurvature, values: dict[str, float | None]) -> CurvatureEstimate:
+        loss = curvature.loss
+        spent = loss.num_gradients
+        reuse = self.reuse_gradient or not curvature.reuses_gradient
+        g0 = curvature.g0() if reuse else loss.gradient()
+        spent = loss.num_gradients - spent  # g(θ), when it is not the training gradient
+        if self.warmup_iterations is None and self.warmup_iters > 0:
+            self.warmup_iterations, _ = self._estimator.warmup(
+                loss, g0=g0, max_iters=self.warmup_iters, tol=self.warmup_tol
+            )
+            values["warmup_iters"] = self.warmup_iterations
+        estimate = self._estimator.step(loss, g0=g0, n_iter=self.n_iter)
+        estimate.num_gradients += spent
+        return estimate
+
+    def _loggable(self, estimate: CurvatureEstimate) -> dict[str, float | None]:
+        values: dict[str, float | None] = {
             "h0": estimate.h0,
             "h0_rayleigh": estimate.h0_rayleigh,
             "h0_residual": estimate.h0_residual,
@@ -189,6 +187,7 @@ class HessianEigenvalueMonitor(ProbeCallback):
             values.update(h_min=estimate.h_min, h_min_rayleigh=estimate.h_min_rayleigh)
         return values
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Directions, β, generator and counters: a resumed run logs what the uninterrupted one would."""
         return {
@@ -197,6 +196,7 @@ class HessianEigenvalueMonitor(ProbeCallback):
             "warmup_iterations": self.warmup_iterations,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output."""
         self._estimator.load_state_dict(state_dict["estimator"])

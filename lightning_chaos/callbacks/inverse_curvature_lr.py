@@ -9,9 +9,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
+from typing_extensions import override
 
-from lightning_chaos.callbacks._args import choice, positive_float, positive_int
-from lightning_chaos.callbacks._step import ProbeCallback, log_values
+from lightning_chaos.callbacks._base import ProbeCallback, log_values
+from lightning_chaos.callbacks._checks import check_sgd, choice_arg, int_arg, number_arg
 from lightning_chaos.callbacks.hessian_eigenvalue import HessianEigenvalueMonitor
 
 
@@ -74,23 +75,19 @@ class InverseCurvatureLR(ProbeCallback):
         seed: int = 0,
         log_prefix: str = "chaos/",
     ) -> None:
-        self.scale = positive_float("scale", scale)
-        if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= ema < 1:
-            raise MisconfigurationException(f"`ema` must be in [0, 1), got {ema!r}.")
-        self.ema = float(ema)
-        if isinstance(lr_min, bool) or not isinstance(lr_min, (int, float)) or not 0 <= lr_min < math.inf:
-            raise MisconfigurationException(f"`lr_min` must be a finite number >= 0, got {lr_min!r}.")
-        self.lr_min = float(lr_min)
-        self.lr_max = positive_float("lr_max", lr_max)
+        self.scale = number_arg("scale", scale, 0.0, low_open=True, high_open=True)
+        self.ema = number_arg("ema", ema, 0.0, 1.0, high_open=True)
+        self.lr_min = number_arg("lr_min", lr_min, 0.0, high_open=True)
+        self.lr_max = number_arg("lr_max", lr_max, 0.0, low_open=True)
         if self.lr_max < self.lr_min:
             raise MisconfigurationException(f"`lr_max` ({lr_max}) must be >= `lr_min` ({lr_min}).")
-        self.estimator = choice("estimator", estimator, ("lyapunov", "rayleigh"))
+        self.estimator = choice_arg("estimator", estimator, ("lyapunov", "rayleigh"))
         self.log_prefix = log_prefix
         self._own_monitor = HessianEigenvalueMonitor(
             every_n_steps=every_n_steps,
             n_iter=n_iter,
             delta_q=delta_q,
-            warmup_iters=positive_int("warmup_iters", warmup_iters),
+            warmup_iters=int_arg("warmup_iters", warmup_iters),
             seed=seed,
             log_prefix=log_prefix,
         )
@@ -99,31 +96,30 @@ class InverseCurvatureLR(ProbeCallback):
         self.lr: float | None = None
 
     @property
-    def state_key(self) -> str:
-        """Unique per configuration (two instances keep separate checkpoint state)."""
-        return self._generate_state_key(scale=self.scale, ema=self.ema, log_prefix=self.log_prefix)
-
-    @property
     def owns_monitor(self) -> bool:
         """Whether the curvature comes from this callback's own monitor (none in the Trainer)."""
         return self.monitor is self._own_monitor
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Find the Trainer's HessianEigenvalueMonitor, or fall back to an owned one."""
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         shared = [c for c in trainer.callbacks if isinstance(c, HessianEigenvalueMonitor)]
         self.monitor = shared[0] if shared else self._own_monitor
         if self.owns_monitor:
-            self.monitor.setup(trainer, pl_module, stage)
+            self.monitor.setup(trainer, pl_module, stage)  # the owned monitor is not in trainer.callbacks
         elif self.monitor.warmup_iters == 0:
             rank_zero_warn(
                 "InverseCurvatureLR reads a HessianEigenvalueMonitor with warmup_iters=0: the first learning "
                 "rates come from a cold, unaligned estimate."
             )
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Write the TensorBoard layout; refuse an LR scheduler (it would fight over the learning rate)."""
+        """Refuse optimizers other than SGD and an LR scheduler; write the TensorBoard layout."""
+        check_sgd(trainer, type(self).__name__)
         super().on_fit_start(trainer, pl_module)
         if trainer.lr_scheduler_configs:
             raise MisconfigurationException(
@@ -131,6 +127,7 @@ class InverseCurvatureLR(ProbeCallback):
                 "returned by `configure_optimizers` (or drop InverseCurvatureLR)."
             )
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
@@ -148,6 +145,7 @@ class InverseCurvatureLR(ProbeCallback):
             group["lr"] = self.lr
         log_values(trainer, {"lr": self.lr, "h0_ema": self.h0_ema}, self.log_prefix)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """The average, the rate and, when owned, the monitor's state."""
         return {
@@ -156,6 +154,7 @@ class InverseCurvatureLR(ProbeCallback):
             "monitor": self._own_monitor.state_dict(),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output."""
         self.h0_ema = state_dict["h0_ema"]

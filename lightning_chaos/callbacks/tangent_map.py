@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -9,28 +10,27 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.optim import Optimizer
+from typing_extensions import override
 
-from lightning_chaos.callbacks._args import positive_int
-from lightning_chaos.callbacks._step import (
-    ProbeCallback,
-    StepProbe,
-    check_sgd,
-    check_supported,
-    log_values,
-    sgd_of,
-)
-from lightning_chaos.core.spectrum import lanczos_eigenpairs, local_lyapunov_exponents, log_tangent_map_norm
-from lightning_chaos.core.tangent import FiniteTimeLyapunov, apply_tangent_map, sgd_first_step
+from lightning_chaos.callbacks._base import SKIPPED, ProbeCallback, log_values
+from lightning_chaos.callbacks._batch import step_curvature
+from lightning_chaos.callbacks._checks import check_sgd, int_arg, sgd_of
+from lightning_chaos.core.benettin import FiniteTimeLyapunov
+from lightning_chaos.core.lanczos import lanczos
+from lightning_chaos.core.sgd import sgd_first_step
+from lightning_chaos.core.stability import local_lyapunov_exponents, log_tangent_map_norm
+from lightning_chaos.core.step_curvature import StepCurvature
+from lightning_chaos.core.tangent_map import apply_tangent_map
 
 DEFAULT_COLUMNS = 10
 """Tangent directions followed when the model is too large for the full map and ``num_columns`` is None."""
 
 
 class TangentMapMonitor(ProbeCallback):
-    r"""Accumulate the tangent map of the SGD run and log its finite-time Lyapunov exponents (seed 001, A.6).
+    r"""Accumulate the tangent map of the SGD run and log its finite-time Lyapunov exponents.
 
     The tangent map of T steps is the product :math:`Y_T = J_T \cdots J_1` of the one-step maps of the
-    update ``torch.optim.SGD`` actually performs (:mod:`lightning_chaos.core.tangent`):
+    update ``torch.optim.SGD`` actually performs (:mod:`lightning_chaos.core.tangent_map`):
     :math:`J_t = I - \gamma (H_t + \mathrm{wd}\,I)` for plain SGD, the :math:`2N \times 2N` map on
     :math:`(\delta\theta, \delta v)` with momentum, dampening or Nesterov (torch's first momentum step,
     which creates the buffer without dampening, gets its own map). :math:`H_t` is the exact Hessian of
@@ -48,7 +48,7 @@ class TangentMapMonitor(ProbeCallback):
 
     - Full map (N ≤ ``max_full_params`` and ``num_columns`` None): dense Hessian each step (N exact
       Hessian-vector products), all N exponents; cost per step O(N³) (dense Hessian, ``eigvalsh``, a
-      product and a QR of (2)N × N): about 0.3 s per step at N = 610 on one CPU core.
+      product and a QR of (2)N × N).
     - k columns (larger N, or ``num_columns=k``): k batched exact Hessian-vector products per step plus
       a Lanczos run of ``lanczos_steps`` products for the extreme eigenvalues the bound needs.
 
@@ -58,16 +58,19 @@ class TangentMapMonitor(ProbeCallback):
       ``ftle_min``: the smallest one (full map only: with k columns it is not the system's smallest;
       with momentum the N parameter directions converge to the N largest of the 2N exponents);
     - ``mlce``: the finite-time maximal Lyapunov characteristic exponent (``ftle_0``);
-    - ``mlce_bound``: the A.6 bound :math:`\frac{1}{T}\sum_t \log\lVert J_t\rVert_2` (exact from the
-      eigenvalues of :math:`H_t`, :func:`~lightning_chaos.core.spectrum.log_tangent_map_norm`), which
-      bounds ``mlce`` at every T; for plain SGD :math:`\log\lVert J_t\rVert` is the step's largest LLE, so
-      this is the paper's running mean of the per-step max LLE;
+    - ``mlce_bound``: :math:`\frac{1}{T}\sum_t \log\lVert J_t\rVert_2` (exact from the eigenvalues of
+      :math:`H_t`, :func:`~lightning_chaos.core.stability.log_tangent_map_norm`), which bounds ``mlce`` at
+      every T by submultiplicativity; for plain SGD :math:`\log\lVert J_t\rVert` is the step's largest
+      LLE, so this is the running mean of the per-step max LLE that Herrmann, Granz and Landgraf
+      ("Chaotic Dynamics are Intrinsic to Neural Network Training with SGD", NeurIPS 2022) use as the
+      bound;
     - ``lle_max_mean``: the running mean of the per-step largest LLE (log spectral radius). Equal to
       ``mlce_bound`` without momentum; with momentum :math:`J_t` is not normal and only the norm bounds;
     - ``map_log_norm``: this step's :math:`\log\lVert J_t\rVert_2`;
     - ``tangent_steps``: T, the number of maps accumulated; ``tangent_skipped``: steps left out of the
-      product because their Hessian (or the mapped frame) was not finite. The exponents then describe
-      the product of the remaining steps.
+      product because their Hessian (or the mapped frame) was not finite, the ``training_step`` returned
+      ``None`` or the model has no second-order derivative (the reason is warned once). The exponents
+      then describe the product of the remaining steps.
 
     With ``num_columns`` the extremes of :math:`H_t` come from Lanczos (converging from inside the
     spectrum), so ``mlce_bound`` is then as accurate as those Ritz values.
@@ -76,7 +79,7 @@ class TangentMapMonitor(ProbeCallback):
     the update and are refused (``MisconfigurationException``), as are optimizers other than one
     ``torch.optim.SGD`` with shared hyper-parameters. Training is not changed by a single bit. The state
     (frame, sums, counters, generator) is saved in checkpoints; a resumed run logs what the
-    uninterrupted one logs. The frame is (2)N × k float64: 8 MB for the full map at N = 1,000.
+    uninterrupted one logs. The frame is (2)N × k float64.
 
     Args:
         num_columns: follow k tangent directions (k ≤ N); ``None``: the full map when N ≤
@@ -88,10 +91,15 @@ class TangentMapMonitor(ProbeCallback):
         log_prefix: prefix of the logged keys.
 
     Attributes:
-        lyapunov: the :class:`~lightning_chaos.core.tangent.FiniteTimeLyapunov` accumulator (``None``
+        lyapunov: the :class:`~lightning_chaos.core.benettin.FiniteTimeLyapunov` accumulator (``None``
             before the first step).
         full: whether the full map is accumulated (``None`` before the first step).
         skipped_steps: steps left out of the product.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_chaos import TangentMapMonitor
+        >>> trainer = pl.Trainer(callbacks=[TangentMapMonitor(num_columns=4)], logger=False)
     """
 
     def __init__(
@@ -103,10 +111,10 @@ class TangentMapMonitor(ProbeCallback):
         seed: int = 0,
         log_prefix: str = "chaos/",
     ) -> None:
-        self.num_columns = None if num_columns is None else positive_int("num_columns", num_columns)
-        self.max_full_params = positive_int("max_full_params", max_full_params)
-        self.num_exponents = positive_int("num_exponents", num_exponents)
-        self.lanczos_steps = positive_int("lanczos_steps", lanczos_steps, minimum=2)
+        self.num_columns = None if num_columns is None else int_arg("num_columns", num_columns)
+        self.max_full_params = int_arg("max_full_params", max_full_params)
+        self.num_exponents = int_arg("num_exponents", num_exponents)
+        self.lanczos_steps = int_arg("lanczos_steps", lanczos_steps, minimum=2)
         self.seed = int(seed)
         self.log_prefix = log_prefix
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -117,19 +125,13 @@ class TangentMapMonitor(ProbeCallback):
         self._lle_max_sum = 0.0
         self._stashed: dict[str, Any] | None = None
 
-    @property
-    def state_key(self) -> str:
-        """Unique per configuration, so two monitors in one Trainer keep separate checkpoint state."""
-        return self._generate_state_key(
-            num_columns=self.num_columns, seed=self.seed, log_prefix=self.log_prefix
-        )
-
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Reject set-ups whose update is not the SGD map of the probed batch."""
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         owner = type(self).__name__
-        check_supported(trainer, pl_module, owner)
         if trainer.accumulate_grad_batches != 1:
             raise MisconfigurationException(
                 f"{owner}: with accumulate_grad_batches={trainer.accumulate_grad_batches} the update "
@@ -141,44 +143,40 @@ class TangentMapMonitor(ProbeCallback):
                 "remove gradient_clip_val."
             )
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check the optimizer (one ``torch.optim.SGD``) and write the TensorBoard layout."""
         check_sgd(trainer, type(self).__name__)
         super().on_fit_start(trainer, pl_module)
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         """Apply this step's tangent map to the frame before the optimizer moves θ, and log."""
-        hp = sgd_of(optimizer, type(self).__name__)
-        kwargs = hp.map_kwargs()
-        first = sgd_first_step(optimizer)
-        probe = StepProbe.current(trainer, pl_module)
-        lyapunov = self._accumulator(probe, hp.momentum > 0)
-        extremes, hvp = self._curvature(probe)
-        values: dict[str, float] = {}
-        if extremes is not None and torch.isfinite(extremes).all():
-            try:
-                lyapunov.update(lambda y: apply_tangent_map(hvp, y, hp.lr, **kwargs, first_step=first))
-            except FloatingPointError:
-                extremes = None
+        sgd = sgd_of(optimizer, type(self).__name__)
+        if sgd_first_step(optimizer):
+            sgd = sgd.at_first_step()
+        curvature = step_curvature(trainer, pl_module)
+        lyapunov = self._accumulator(curvature, sgd.momentum > 0)
+        values: dict[str, float | None] = {}
+        try:
+            extremes, hvp = self._curvature(curvature)
+            lyapunov.update(lambda y: apply_tangent_map(hvp, y, sgd))
+        except SKIPPED as err:
+            self.skip(trainer, err)
         else:
-            extremes = None
-        if extremes is None:
-            self.skipped_steps += 1
-        else:
-            map_norm = log_tangent_map_norm(extremes, hp.lr, **kwargs, first_step=first)
-            lle_kwargs = {**kwargs, "dampening": 0.0} if first else kwargs
-            self._lle_max_sum += float(local_lyapunov_exponents(extremes, hp.lr, **lle_kwargs).max())
-            lyapunov.record_max_lle(map_norm)
+            map_norm = log_tangent_map_norm(extremes, sgd)
+            self._lle_max_sum += float(local_lyapunov_exponents(extremes, sgd).max())
+            lyapunov.record_log_norm(map_norm)
             values.update(self._exponents(lyapunov), map_log_norm=map_norm)
         values.update(tangent_steps=lyapunov.num_steps, tangent_skipped=self.skipped_steps)
         log_values(trainer, values, self.log_prefix)
 
-    def _accumulator(self, probe: StepProbe, momentum: bool) -> FiniteTimeLyapunov:
+    def _accumulator(self, curvature: StepCurvature, momentum: bool) -> FiniteTimeLyapunov:
         """The Benettin accumulator, created at the first step (or from a checkpoint's stashed state)."""
         if self.lyapunov is None:
-            dim = probe.loss.dim
+            dim = curvature.loss.dim
             self.full = self.num_columns is None and dim <= self.max_full_params
             k = dim if self.full else min(dim, self.num_columns or max(DEFAULT_COLUMNS, self.num_exponents))
             if self._stashed is not None:  # the checkpoint's frame replaces this one: draw nothing
@@ -191,7 +189,7 @@ class TangentMapMonitor(ProbeCallback):
                 frame = torch.cat([frame, torch.zeros_like(frame)], dim=0)
             self._momentum = momentum
             self.lyapunov = FiniteTimeLyapunov(
-                frame.shape[0], k, initial_frame=frame.to(probe.loss.params[0].device)
+                frame.shape[0], k, initial_frame=frame.to(curvature.loss.params[0].device)
             )
             if self._stashed is not None:
                 self.lyapunov.load_state_dict(self._stashed)  # checks the shape (N, 2N, k)
@@ -203,23 +201,23 @@ class TangentMapMonitor(ProbeCallback):
             )
         return self.lyapunov
 
-    def _curvature(self, probe: StepProbe) -> tuple[Tensor | None, Any]:
-        """Eigenvalues that decide ``‖J_t‖`` and the (float64) Hessian product of the step."""
+    def _curvature(self, curvature: StepCurvature) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """Eigenvalues that decide ``‖J_t‖`` and the (float64) Hessian product of the step.
+
+        Raises:
+            FloatingPointError: the Hessian (or its extreme eigenvalues) is not finite.
+        """
         if self.full:
-            dense = probe.dense()
+            dense = curvature.dense()
             if not torch.isfinite(dense).all():
-                return None, None
-            try:
-                eigenvalues = probe.eigvalsh()
-            except torch.linalg.LinAlgError:  # finite but too extreme for the eigensolver
-                return None, None
-            return eigenvalues.to(torch.float64), dense.to(torch.float64).__matmul__
-        operator = probe.hessian()
-        try:
-            steps = min(self.lanczos_steps, operator.shape[0])
-            ritz, _ = lanczos_eigenpairs(operator, 1, "both", num_steps=steps, generator=self.generator)
-        except FloatingPointError:
-            return None, None
+                raise FloatingPointError("the batch Hessian is not finite")
+            eigenvalues = curvature.eigvalsh().to(torch.float64)
+            return eigenvalues, dense.to(torch.float64).__matmul__
+        operator = curvature.hessian()
+        steps = min(self.lanczos_steps, operator.shape[0])
+        ritz, _ = lanczos(operator, steps, generator=self.generator).ritz_pairs(1, "both")
+        if not torch.isfinite(ritz).all():
+            raise FloatingPointError("the extreme eigenvalues of the batch Hessian are not finite")
 
         def hvp(block: Tensor) -> Tensor:
             return operator.matmat(block.to(operator.dtype)).to(torch.float64)
@@ -238,6 +236,7 @@ class TangentMapMonitor(ProbeCallback):
         )
         return values
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Frame, accumulated sums, counters and generator: a resumed run continues the same product."""
         return {
@@ -247,6 +246,7 @@ class TangentMapMonitor(ProbeCallback):
             "generator": self.generator.get_state(),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (the accumulator is rebuilt at the next step)."""
         self._stashed = state_dict["lyapunov"]

@@ -1,4 +1,9 @@
-"""TrajectoryDivergence: perturbed twins trained on the main run's batches (seed 001, A.8-A.10, C.3)."""
+"""TrajectoryDivergence: perturbed twins trained on the main run's batches.
+
+The experiment of Herrmann, Granz and Landgraf, "Chaotic Dynamics are Intrinsic to Neural Network Training
+with SGD" (NeurIPS 2022), appendix A.8–A.10: how far a copy of the model perturbed along chosen Hessian
+eigendirections drifts from the run.
+"""
 
 from __future__ import annotations
 
@@ -14,31 +19,25 @@ from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from typing_extensions import override
 
-from lightning_chaos.callbacks._args import choice, positive_float, positive_int
-from lightning_chaos.callbacks._step import (
-    BatchRecord,
-    ProbeCallback,
-    StepProbe,
-    check_supported,
-    current_record,
-    log_values,
-    loss_closure,
-    sgd_of,
-)
+from lightning_chaos.callbacks._base import ProbeCallback, log_values
+from lightning_chaos.callbacks._batch import BatchRecord, current_record, loss_closure, step_curvature
+from lightning_chaos.callbacks._checks import choice_arg, int_arg, number_arg, sgd_of, single_optimizer
 from lightning_chaos.core.divergence import (
+    DIRECTIONS,
+    SPECTRAL_DIRECTIONS,
     default_init_distance,
     fit_divergence,
     random_walk_distance,
     sampled_init_distances,
+    twin_directions,
 )
-from lightning_chaos.core.params import flatten, unflatten
-from lightning_chaos.core.probe import FunctionalLoss
-from lightning_chaos.core.spectrum import DEFAULT_TOLERANCE, classify_eigenvalues, local_lyapunov_exponents
+from lightning_chaos.core.functional_loss import FunctionalLoss
+from lightning_chaos.core.params import flatten, trainable_parameters, unflatten
+from lightning_chaos.core.stability import EXACT_EDGE_TOLERANCE
+from lightning_chaos.core.step_curvature import StepCurvature
 from lightning_chaos.optim import CGD
-
-DIRECTIONS = ("max_chaotic", "chaotic", "random", "non_chaotic", "max_non_chaotic")
-"""Perturbation directions, from the most to the least chaotic (the order seed 001 C.4 expects)."""
 
 
 class TrajectoryDivergence(ProbeCallback):
@@ -49,14 +48,14 @@ class TrajectoryDivergence(ProbeCallback):
 
     * ``max_chaotic`` / ``max_non_chaotic``: the Hessian eigenvector with the largest / smallest local
       Lyapunov exponent of the update (``log|1 − γh|`` for plain SGD; momentum, dampening, Nesterov and weight
-      decay as in ``core.spectrum.local_lyapunov_exponents``);
+      decay as in :func:`~lightning_chaos.core.stability.local_lyapunov_exponents`);
     * ``chaotic`` / ``non_chaotic``: a uniformly random unit vector in the span of the chaotic eigenvectors
-      (positive LLE) / of all the others (stable and edge: the complement, as seed 001 counts them);
+      (positive LLE) / of all the others (stable and edge: the complement, as the paper counts them);
     * ``random``: a uniformly random unit vector of R^N.
 
     The eigendecomposition is the exact one of the first batch's Hessian at θ(0) (dense ``eigh``, shared
     with the other chaos callbacks of that step): ``O(N²)`` memory and ``O(N³)`` time, so directions other
-    than ``random`` are limited to ``max_exact_params`` parameters. (Seed 001 took the eigenspaces saved at
+    than ``random`` are limited to ``max_exact_params`` parameters. (The paper took the eigenspaces saved at
     the end of a previous run; the local ones at the start are what this callback can know.) The random
     draws use the callback's own generator (``seed``).
 
@@ -82,8 +81,9 @@ class TrajectoryDivergence(ProbeCallback):
       default_init_distance`, when every layer's default initialisation is known) and
       ``divergence/init_distance_sampled`` (root mean square over ``init_samples`` re-initialised pairs):
       the distance of two independently initialised copies, the scale a perturbation must reach to be
-      "as different as another seed" (seed 001 A.8 reports ≈ 6.38 for a 784-20-10 MLP; the right value is
-      ≈ 4.51, see ``core.divergence``);
+      "as different as another seed" (the paper's A.8 reports ≈ 6.38 for a 784-20-10 MLP; the right value
+      is ≈ 4.51, see :mod:`lightning_chaos.core.divergence`). A model with a parameter that no
+      submodule's ``reset_parameters()`` re-draws gets no sampled baseline (warned), the run goes on;
     - at the end of training: ``divergence_fit/{direction}_a`` and ``_b`` of the least-squares fit
       ``d(t) = √(a²t² + bt)`` (A.10), ``divergence_fit/sigma`` and ``divergence_fit/random_walk_bound``.
 
@@ -100,7 +100,7 @@ class TrajectoryDivergence(ProbeCallback):
     several optimizers, sharded strategies.
 
     Args:
-        epsilon: perturbation size ε > 0 (seed 001's default 0.1).
+        epsilon: perturbation size ε > 0 (the paper's 0.1).
         directions: any of ``"max_chaotic"``, ``"chaotic"``, ``"random"``, ``"non_chaotic"``,
             ``"max_non_chaotic"``; one twin each.
         seed: seed of the random directions and of the initialisation samples.
@@ -125,21 +125,19 @@ class TrajectoryDivergence(ProbeCallback):
         epsilon: float = 0.1,
         directions: Sequence[str] = DIRECTIONS,
         seed: int = 0,
-        tolerance: float = DEFAULT_TOLERANCE,
+        tolerance: float = EXACT_EDGE_TOLERANCE,
         init_samples: int = 32,
         max_exact_params: int = 5000,
         log_prefix: str = "chaos/",
     ) -> None:
-        self.epsilon = positive_float("epsilon", epsilon)
+        self.epsilon = number_arg("epsilon", epsilon, 0.0, low_open=True, high_open=True)
         if isinstance(directions, str) or not directions:
             raise MisconfigurationException(f"`directions` must be a non-empty list of {DIRECTIONS}.")
-        self.directions = tuple(dict.fromkeys(choice("directions", d, DIRECTIONS) for d in directions))
+        self.directions = tuple(dict.fromkeys(choice_arg("directions", d, DIRECTIONS) for d in directions))
         self.seed = int(seed)
-        if not tolerance >= 0:
-            raise MisconfigurationException(f"`tolerance` must be >= 0, got {tolerance!r}.")
-        self.tolerance = float(tolerance)
-        self.init_samples = positive_int("init_samples", init_samples, minimum=0)
-        self.max_exact_params = positive_int("max_exact_params", max_exact_params)
+        self.tolerance = number_arg("tolerance", tolerance, 0.0, high_open=True)
+        self.init_samples = int_arg("init_samples", init_samples, minimum=0)
+        self.max_exact_params = int_arg("max_exact_params", max_exact_params)
         self.log_prefix = log_prefix
         self.distances: dict[str, list[float]] = {}
         self.perturbations: dict[str, Tensor] = {}
@@ -154,18 +152,12 @@ class TrajectoryDivergence(ProbeCallback):
         self._num_updates = 0
         self._theta_before: Tensor | None = None
 
-    @property
-    def state_key(self) -> str:
-        """Unique per configuration (two instances keep separate checkpoint state)."""
-        return self._generate_state_key(
-            epsilon=self.epsilon, directions=self.directions, seed=self.seed, log_prefix=self.log_prefix
-        )
-
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Reject set-ups in which a twin cannot take exactly the main run's step."""
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        check_supported(trainer, pl_module, type(self).__name__)
         owner = type(self).__name__
         if not pl_module.automatic_optimization:
             raise MisconfigurationException(
@@ -180,14 +172,13 @@ class TrajectoryDivergence(ProbeCallback):
                 f"{owner} does not support fp16 with a loss scaler (skipped steps); use 32 or bf16 precision."
             )
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """One optimizer only; write the TensorBoard layout."""
-        if len(trainer.optimizers) != 1:
-            raise MisconfigurationException(
-                f"TrajectoryDivergence needs exactly one optimizer, got {len(trainer.optimizers)}."
-            )
+        single_optimizer(trainer, type(self).__name__)
         super().on_fit_start(trainer, pl_module)
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
@@ -201,12 +192,12 @@ class TrajectoryDivergence(ProbeCallback):
         values["divergence/random_walk_bound"] = math.sqrt(2.0 * self._update_sq_sum)
         log_values(trainer, values, self.log_prefix)
         record = current_record(trainer)
-        probe = StepProbe.current(trainer, pl_module)
+        curvature = step_curvature(trainer, pl_module)
         for name, (module, twin_optimizer) in self._twins.items():
             if name in self.diverged:
                 continue
             try:
-                self._step_twin(trainer, module, twin_optimizer, optimizer, record, probe)
+                self._step_twin(trainer, module, twin_optimizer, optimizer, record, curvature)
             except (
                 FloatingPointError
             ) as err:  # a CGD twin met a non-finite Hessian: the twin is lost, not the run
@@ -215,6 +206,7 @@ class TrajectoryDivergence(ProbeCallback):
                 )
                 self.diverged.add(name)
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -225,6 +217,7 @@ class TrajectoryDivergence(ProbeCallback):
         self._num_updates += 1
         self._theta_before = None
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Final distances ``d(T)``, the fits ``√(a²t² + bt)`` and the random-walk bound."""
         if not self._twins:
@@ -289,14 +282,20 @@ class TrajectoryDivergence(ProbeCallback):
         except ValueError as err:
             rank_zero_warn(f"TrajectoryDivergence: no analytic init distance ({err}).")
         if self.init_samples:
-            samples = sampled_init_distances(pl_module, self.init_samples, self.seed)
-            self.init_distance_sampled = float(samples.pow(2).mean().sqrt())
-            values["divergence/init_distance_sampled"] = self.init_distance_sampled
+            try:
+                samples = sampled_init_distances(pl_module, self.init_samples, self.seed)
+            except ValueError as err:  # a parameter no reset_parameters() re-draws: the baseline is an extra
+                rank_zero_warn(
+                    f"TrajectoryDivergence: no sampled init distance ({err}); the twins run anyway."
+                )
+            else:
+                self.init_distance_sampled = float(samples.pow(2).mean().sqrt())
+                values["divergence/init_distance_sampled"] = self.init_distance_sampled
         theta = _flat_trainable(pl_module)
         for name, u in self._perturbations(trainer, pl_module, optimizer, theta.numel()).items():
             module = _copy_module(pl_module)
             with torch.no_grad():
-                params = _trainable(module)
+                params = [p for _, p in trainable_parameters(module)]
                 for p, piece in zip(
                     params, unflatten(theta + self.epsilon * u.to(theta), params), strict=True
                 ):
@@ -309,13 +308,8 @@ class TrajectoryDivergence(ProbeCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer, dim: int
     ) -> dict[str, Tensor]:
         """Unit directions ``(N,)`` (float64) per requested direction, from the first batch's spectrum."""
-        generator = torch.Generator().manual_seed(self.seed)
-
-        def unit(vector: Tensor) -> Tensor:
-            return vector / torch.linalg.vector_norm(vector)
-
-        out: dict[str, Tensor] = {}
-        spectral = [d for d in self.directions if d != "random"]
+        sgd = eigenpairs = None
+        spectral = sorted(SPECTRAL_DIRECTIONS.intersection(self.directions))
         if spectral:
             if dim > self.max_exact_params:
                 raise MisconfigurationException(
@@ -323,31 +317,20 @@ class TrajectoryDivergence(ProbeCallback):
                     f"limited to max_exact_params={self.max_exact_params} parameters (the model has {dim}); "
                     "use directions=['random'] or raise the limit."
                 )
-            hp = (
+            sgd = (
                 optimizer.hyperparameters()
                 if isinstance(optimizer, CGD)
                 else sgd_of(optimizer, "TrajectoryDivergence")
             )
-            values, vectors = StepProbe.current(trainer, pl_module).eigh()
-            vectors = vectors.double()
-            lle = local_lyapunov_exponents(values, hp.lr, **hp.map_kwargs()).double()
-            chaotic = classify_eigenvalues(values, hp.lr, self.tolerance, **hp.map_kwargs())["chaotic"]
-        for name in self.directions:
-            if name == "random":
-                out[name] = unit(torch.randn(dim, generator=generator, dtype=torch.float64))
-            elif name in ("max_chaotic", "max_non_chaotic"):
-                index = int(lle.argmax() if name == "max_chaotic" else lle.argmin())
-                out[name] = unit(vectors[:, index])
-                self.direction_lle[name] = float(lle[index])
-            else:
-                span = vectors[:, chaotic if name == "chaotic" else ~chaotic]
-                if span.shape[1] == 0:
-                    rank_zero_warn(
-                        f"TrajectoryDivergence: no {name} eigendirections at the first step; twin skipped."
-                    )
-                    continue
-                out[name] = unit(span @ torch.randn(span.shape[1], generator=generator, dtype=torch.float64))
-        return out
+            eigenpairs = step_curvature(trainer, pl_module).eigh()
+        generator = torch.Generator().manual_seed(self.seed)
+        found = twin_directions(self.directions, dim, generator, sgd, eigenpairs, self.tolerance)
+        for name in found.empty:
+            rank_zero_warn(
+                f"TrajectoryDivergence: no {name} eigendirections at the first step; twin skipped."
+            )
+        self.direction_lle.update(found.lle)
+        return found.vectors
 
     def _step_twin(
         self,
@@ -356,41 +339,32 @@ class TrajectoryDivergence(ProbeCallback):
         twin_optimizer: Optimizer,
         optimizer: Optimizer,
         record: BatchRecord,
-        probe: StepProbe,
+        curvature: StepCurvature,
     ) -> None:
         """One update of a twin on the recorded batch, with the main step's random state and settings."""
         for twin_group, group in zip(twin_optimizer.param_groups, optimizer.param_groups, strict=True):
             twin_group.update({k: v for k, v in group.items() if k != "params"})
+        named = trainable_parameters(module)
+        settings = {
+            "rng_state": record.rng,
+            "context": curvature.loss.context,
+            "reduce": curvature.loss.reduce,
+        }
         compute = loss_closure(module, record.batch, record.batch_idx)
-        params = _trainable(module)
-        # the twin's own forward (its BatchNorm statistics update, as the main model's do in training_step)
-        with record.rng.replay(), probe.loss.context(), torch.enable_grad():
-            value = compute()
-        value = value["loss"] if isinstance(value, dict) else value
-        grads = torch.autograd.grad(value, params, allow_unused=True)
-        flat = flatten([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)])
-        if probe.loss.reduce is not None:
-            flat = probe.loss.reduce(flat)
-        for p, g in zip(params, unflatten(flat, params), strict=True):
-            p.grad = g.detach().clone()
+        # the twin's own forward: its BatchNorm statistics update, as the main model's do in training_step
+        gradient = FunctionalLoss(module, compute, named, update_buffers=True, **settings).gradient()
+        params = [p for _, p in named]
+        for p, g in zip(params, unflatten(gradient, params), strict=True):
+            p.grad = g.clone()
         if trainer.gradient_clip_val:
             algorithm = GradClipAlgorithmType(trainer.gradient_clip_algorithm or "norm")
             trainer.precision_plugin.clip_gradients(twin_optimizer, trainer.gradient_clip_val, algorithm)
         if isinstance(twin_optimizer, CGD):
-            named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-            twin_optimizer.set_curvature(
-                FunctionalLoss(
-                    module,
-                    compute,
-                    named,
-                    rng_state=record.rng,
-                    context=probe.loss.context,
-                    reduce=probe.loss.reduce,
-                )
-            )
+            twin_optimizer.set_curvature(FunctionalLoss(module, compute, named, **settings))
         twin_optimizer.step()
         twin_optimizer.zero_grad(set_to_none=True)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Twins (parameters, buffers, optimizer states), distances and accumulators: resume is exact."""
         if self._stash is not None:
@@ -415,6 +389,7 @@ class TrajectoryDivergence(ProbeCallback):
             "num_updates": self._num_updates,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; the twins are rebuilt at the next optimizer step."""
         self._stash = {"twins": state_dict["twins"]} if state_dict["twins"] else None
@@ -439,12 +414,8 @@ def _fit_finite_prefix(distances: list[float]) -> tuple[float, float] | None:
     return fit_divergence(finite) if len(finite) >= 2 else None
 
 
-def _trainable(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]
-
-
 def _flat_trainable(module: nn.Module) -> Tensor:
-    return flatten([p.detach() for p in _trainable(module)]).clone()
+    return flatten([p.detach() for _, p in trainable_parameters(module)]).clone()
 
 
 def _copy_module(pl_module: pl.LightningModule) -> pl.LightningModule:

@@ -1,19 +1,22 @@
-"""Distances between training trajectories: initialisation baselines, the random-walk bound, the fit of A.10.
+"""Distances between training trajectories: perturbation directions, baselines, the random-walk bound, a fit.
 
-Seed 001 compares the distance ``d(t) = ‖θ_a(t) − θ_b(t)‖`` of a run and a perturbed twin with
+Herrmann, Granz and Landgraf ("Chaotic Dynamics are Intrinsic to Neural Network Training with SGD",
+NeurIPS 2022, appendix A.8–A.10) perturb a copy of a model along chosen Hessian eigendirections
+(:func:`twin_directions`) and compare the distance ``d(t) = ‖θ_a(t) − θ_b(t)‖`` of the run and its twin
+with
 
-* the distance of two independent initialisations (A.8), here computed for the module's actual layers:
-  :func:`default_init_distance` (analytic, PyTorch's default initialisation) and
+* the distance of two independent initialisations (their A.8), here computed for the module's actual
+  layers: :func:`default_init_distance` (analytic, PyTorch's default initialisation) and
   :func:`sampled_init_distances` (re-drawing the initialisation);
 * two independent Gaussian random walks with per-coordinate step deviation σ in D dimensions, whose
   expected distance after T steps is ``√(2TD) σ`` (A.9, :func:`random_walk_distance`);
 * ``√(a²t² + bt)``, the distance of two runs whose drift separates linearly (``a``) under isotropic noise
   (``b = 2Dσ²``) (A.10, :func:`fit_divergence`).
 
-A.8 claims ≈ 6.38 for two default 784-20-10 MLPs; the correct value is ≈ 4.51 (``E‖θ_a − θ_b‖²`` = 20.35).
-The seed takes ``θ_a − θ_b`` to be uniform on the doubled interval, whose variance ``(4/√k)²/12 = 4/(3k)`` is
-twice the true ``2 Var U(−1/√k, 1/√k) = 2/(3k)`` (the difference of two uniforms is triangular): its
-result is exactly √2 too large.
+The paper's A.8 gives ≈ 6.38 for two default 784-20-10 MLPs; the correct value is ≈ 4.51
+(``E‖θ_a − θ_b‖²`` = 20.35). The paper takes ``θ_a − θ_b`` to be uniform on the doubled interval, whose
+variance ``(4/√k)²/12 = 4/(3k)`` is twice the true ``2 Var U(−1/√k, 1/√k) = 2/(3k)`` (the difference of
+two uniforms is triangular): its result is exactly √2 too large.
 """
 
 from __future__ import annotations
@@ -21,18 +24,115 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd
 
+from lightning_chaos.core.sgd import SGDHyperparameters
+from lightning_chaos.core.stability import (
+    EXACT_EDGE_TOLERANCE,
+    classify_eigenvalues,
+    local_lyapunov_exponents,
+)
+
 __all__ = [
+    "DIRECTIONS",
+    "TwinDirections",
     "default_init_distance",
     "fit_divergence",
     "random_walk_distance",
     "sampled_init_distances",
+    "twin_directions",
 ]
+
+DIRECTIONS = ("max_chaotic", "chaotic", "random", "non_chaotic", "max_non_chaotic")
+"""Perturbation directions, from the most to the least chaotic."""
+
+SPECTRAL_DIRECTIONS = frozenset(DIRECTIONS) - {"random"}
+"""The directions that need the Hessian's eigendecomposition."""
+
+
+@dataclass
+class TwinDirections:
+    """Unit perturbation directions of the twins and what is known about them.
+
+    Attributes:
+        vectors: ``{direction: u}``, flat unit vectors ``(N,)`` (float64).
+        lle: ``{direction: LLE}`` of the single-eigenvector directions (``max_*``).
+        empty: directions asked for whose eigenspace is empty (no twin).
+    """
+
+    vectors: dict[str, Tensor] = field(default_factory=dict)
+    lle: dict[str, float] = field(default_factory=dict)
+    empty: list[str] = field(default_factory=list)
+
+
+def twin_directions(
+    directions: Sequence[str],
+    dim: int,
+    generator: torch.Generator,
+    sgd: SGDHyperparameters | None = None,
+    eigenpairs: tuple[Tensor, Tensor] | None = None,
+    tolerance: float = EXACT_EDGE_TOLERANCE,
+) -> TwinDirections:
+    """Unit directions of R^N, one per requested direction, from the Hessian's eigenpairs where needed.
+
+    * ``max_chaotic`` / ``max_non_chaotic``: the eigenvector with the largest / smallest local Lyapunov
+      exponent of the update (:func:`~lightning_chaos.core.stability.local_lyapunov_exponents`);
+    * ``chaotic`` / ``non_chaotic``: a uniformly random unit vector in the span of the chaotic eigenvectors
+      (positive LLE) / of all the others (stable and edge: the complement);
+    * ``random``: a uniformly random unit vector of R^N.
+
+    Random draws come from ``generator``, in the order of ``directions``.
+
+    Args:
+        directions: names from :data:`DIRECTIONS`.
+        dim: N.
+        generator: the random generator.
+        sgd: the update (required for the spectral directions).
+        eigenpairs: ``(eigenvalues (N,), eigenvectors (N, N))`` of the Hessian (required for the spectral
+            directions).
+        tolerance: edge half-width of the chaotic / non-chaotic classification.
+
+    Returns:
+        The :class:`TwinDirections`.
+    """
+    out = TwinDirections()
+    lle = chaotic = vectors = None
+    if SPECTRAL_DIRECTIONS.intersection(directions):
+        if sgd is None or eigenpairs is None:
+            raise ValueError(f"directions {sorted(SPECTRAL_DIRECTIONS)} need `sgd` and `eigenpairs`")
+        values, vectors = eigenpairs[0], eigenpairs[1].double()
+        lle = local_lyapunov_exponents(values, sgd).double()
+        chaotic = classify_eigenvalues(values, sgd, tolerance)["chaotic"]
+    for name in directions:
+        if name == "random":
+            out.vectors[name] = _unit(torch.randn(dim, generator=generator, dtype=torch.float64))
+        elif name in ("max_chaotic", "max_non_chaotic"):
+            assert lle is not None and vectors is not None
+            index = int(lle.argmax() if name == "max_chaotic" else lle.argmin())
+            out.vectors[name] = _unit(vectors[:, index])
+            out.lle[name] = float(lle[index])
+        elif name in ("chaotic", "non_chaotic"):
+            assert chaotic is not None and vectors is not None
+            span = vectors[:, chaotic if name == "chaotic" else ~chaotic]
+            if span.shape[1] == 0:
+                out.empty.append(name)
+                continue
+            out.vectors[name] = _unit(
+                span @ torch.randn(span.shape[1], generator=generator, dtype=torch.float64)
+            )
+        else:
+            raise ValueError(f"unknown direction {name!r}; allowed: {DIRECTIONS}")
+    return out
+
+
+def _unit(vector: Tensor) -> Tensor:
+    return vector / torch.linalg.vector_norm(vector)
+
 
 _CONSTANT_INIT = (_NormBase, nn.LayerNorm, nn.GroupNorm)
 """Layers whose default parameters are constants (weight 1, bias 0): two copies start equal."""
@@ -59,7 +159,7 @@ def default_init_distance(module: nn.Module) -> float:
 
         E‖θ_a − θ_b‖² = Σ_layers (n_weight + n_bias) · 2/(3 k)   (+ 2 n for embeddings)
 
-    For a 784-20-10 MLP this is ``(2/3)(20 + 20/784 + 10 + 10/20) = 20.35``, i.e. ≈ 4.51 (seed 001 A.8
+    For a 784-20-10 MLP this is ``(2/3)(20 + 20/784 + 10 + 10/20) = 20.35``, i.e. ≈ 4.51 (the paper's A.8
     reports 6.38, √2 too large: module docstring). The value assumes the module still has the default
     initialisation of each layer type; :func:`sampled_init_distances` checks any module by re-drawing it.
 
@@ -142,7 +242,7 @@ def random_walk_distance(num_steps: int, dim: int, sigma: float) -> float:
     """Expected distance ``√(2TD) σ`` of two independent Gaussian random walks after T steps (A.9).
 
     Each walk adds ``N(0, σ² I_D)`` per step, so ``x_1(T) − x_2(T) ~ N(0, 2Tσ² I_D)`` and
-    ``E‖x_1 − x_2‖² = 2TDσ²`` (the value is the root of that mean square, as in the seed).
+    ``E‖x_1 − x_2‖² = 2TDσ²`` (the value is the root of that mean square, as in the paper).
 
     Args:
         num_steps: T ≥ 0.
@@ -158,7 +258,7 @@ def random_walk_distance(num_steps: int, dim: int, sigma: float) -> float:
 
 
 def fit_divergence(distances: Sequence[float] | Tensor) -> tuple[float, float]:
-    """Least-squares fit of ``d(t) = √(a²t² + bt)`` (seed 001, A.10) to distances at ``t = 0, 1, …, T``.
+    """Least-squares fit of ``d(t) = √(a²t² + bt)`` (A.10) to distances at ``t = 0, 1, …, T``.
 
     Linear in the squares: ``d(t)² = A t² + b t`` with ``A = a² ≥ 0`` and ``b ≥ 0``, solved as
     non-negative least squares over the two coefficients (the unconstrained solution if it is feasible,

@@ -1,11 +1,46 @@
-"""Flat views of parameter lists: the vector space θ ∈ R^N that every core routine works in."""
+"""The parameter space θ ∈ R^N that every core routine works in: trainable parameters and flat views.
+
+A model's trainable parameters are the tensors with ``requires_grad`` (frozen ones are not part of θ);
+vectors of R^N are their entries concatenated in ``named_parameters()`` order (:func:`flatten`), and a
+flat vector splits back into tensors shaped like the parameters (:func:`unflatten`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+__all__ = ["filled", "flatten", "num_params", "trainable_parameters", "unflatten"]
+
+
+def trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The ``(name, parameter)`` pairs that span θ: every parameter with ``requires_grad``, in order.
+
+    Args:
+        module: the model.
+
+    Returns:
+        The pairs of ``module.named_parameters()`` (tied parameters once) that require a gradient.
+    """
+    return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+
+
+def filled(tensors: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:
+    """Replace missing entries by zeros shaped like their counterpart.
+
+    ``torch.autograd.grad(..., allow_unused=True)`` returns ``None`` for a parameter the loss does not
+    depend on; its gradient (and Hessian block) is zero.
+
+    Args:
+        tensors: gradients (or any per-parameter tensors), ``None`` where absent.
+        like: the parameters, one per entry of ``tensors``.
+
+    Returns:
+        The tensors with every ``None`` replaced by ``torch.zeros_like`` of its parameter.
+    """
+    return [torch.zeros_like(p) if t is None else t for t, p in zip(tensors, like, strict=True)]
 
 
 def flatten(tensors: Iterable[Tensor]) -> Tensor:
@@ -30,6 +65,11 @@ def unflatten(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     Returns:
         Views (casts where dtypes differ) of ``vector``; piece ``i`` has shape ``like[i].shape``
         (or ``like[i].shape + (k,)``).
+
+    Example:
+        >>> pieces = unflatten(torch.arange(5.0), [torch.zeros(2), torch.zeros(1, 3)])
+        >>> [tuple(p.shape) for p in pieces]
+        [(2,), (1, 3)]
     """
     trailing = tuple(vector.shape[1:])
     pieces = torch.split(vector, [t.numel() for t in like])

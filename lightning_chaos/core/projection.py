@@ -1,83 +1,26 @@
-"""Eigenspace projections for chaos-aware updates (CGD, seed 001 A.7) and subspace overlaps (A.11).
+"""Orthogonal projections onto eigenspace complements, and overlaps between subspaces and gradients.
 
 Vectors are flat ``(N,)``; bases are ``(N, r)`` with orthonormal columns (e.g. Hessian eigenvectors).
+CGD removes directions with :func:`project_out`; the subspace overlap of Herrmann, Granz and Landgraf
+("Chaotic Dynamics are Intrinsic to Neural Network Training with SGD", NeurIPS 2022) compares chaotic
+subspaces over training.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-from lightning_chaos.core.spectrum import DEFAULT_TOLERANCE, classify_eigenvalues
-
 __all__ = [
-    "STRATEGIES",
     "gradient_overlaps",
     "gradient_subspace_overlap",
     "project_out",
     "projector",
     "random_subspace_overlap",
-    "select_directions",
     "subspace_overlap",
 ]
-
-STRATEGIES = ("chaotic", "negative", "positive")
-"""CGD pruning strategies: which eigendirections are removed from the update."""
-
-
-def select_directions(
-    eigenvalues: Tensor,
-    lr: float,
-    strategy: Literal["chaotic", "negative", "positive"] = "chaotic",
-    tolerance: float = DEFAULT_TOLERANCE,
-    momentum: float = 0.0,
-    dampening: float = 0.0,
-    nesterov: bool = False,
-    weight_decay: float = 0.0,
-    *,
-    scale: float | None = None,
-) -> Tensor:
-    """Mask of the eigendirections CGD removes from the update.
-
-    With the stability interval ``(0, u)`` of the effective curvature ``h̃ = h + wd`` (``u = 2/γ`` for plain
-    SGD, see :func:`lightning_chaos.core.spectrum.stability_interval`) and ``ε = tolerance · scale``:
-
-    * ``"chaotic"``: ``h̃ < −ε`` or ``h̃ > u + ε`` (positive LLE);
-    * ``"negative"``: ``h̃ < −ε`` (negative curvature);
-    * ``"positive"``: ``h̃ > u + ε`` (curvature beyond the stability edge).
-
-    *Edge* directions (within ε of 0 or u, e.g. the exact zeros of ReLU networks) are never removed: their
-    LLE is 0 to working precision and removing them would only shrink the update.
-
-    Args:
-        eigenvalues: Hessian eigenvalues h, shape ``(r,)``.
-        lr: learning rate γ.
-        strategy: ``"chaotic"``, ``"negative"`` or ``"positive"``.
-        tolerance: edge half-width relative to ``scale``.
-        momentum: momentum μ.
-        dampening: dampening τ.
-        nesterov: Nesterov momentum.
-        weight_decay: wd.
-        scale: reference magnitude; default ``max |h_i|`` of ``eigenvalues``. Pass the spectral radius when
-            ``eigenvalues`` is a subset (e.g. Lanczos extremes without the largest magnitude).
-
-    Returns:
-        Boolean tensor ``(r,)``, True for the directions to remove.
-
-    Raises:
-        ValueError: unknown ``strategy``.
-    """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    masks = classify_eigenvalues(
-        eigenvalues, lr, tolerance, momentum, dampening, nesterov, weight_decay, scale=scale
-    )
-    if strategy == "positive":
-        return masks["chaotic"] & masks["positive"]
-    return masks[strategy]
 
 
 def project_out(vector: Tensor, basis: Tensor) -> Tensor:
@@ -103,7 +46,7 @@ def projector(basis: Tensor) -> Tensor:
 
 
 def subspace_overlap(first: Tensor, second: Tensor) -> float:
-    """Subspace similarity of seed 001, A.11: ``overlap(V, W) = ‖Vᵀ W‖_F² / min(d_V, d_W) ∈ [0, 1]``.
+    """Subspace similarity ``overlap(V, W) = ‖Vᵀ W‖_F² / min(d_V, d_W) ∈ [0, 1]``.
 
     Equals ``tr(P_V P_W) / d_min``: 1 when one subspace contains the other, 0 for orthogonal subspaces,
     invariant under a change of orthonormal basis of either.

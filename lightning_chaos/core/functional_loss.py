@@ -20,10 +20,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_chaos.core.params import flatten, num_params, unflatten
+from lightning_chaos.core.params import filled, flatten, num_params, trainable_parameters, unflatten
 
-LossFn = Callable[[Sequence[Tensor]], Tensor]
-"""A functional loss: tensors shaped like the trainable parameters in, scalar loss on a fixed batch out."""
+__all__ = ["FunctionalLoss", "NoLossError", "RNGState"]
+
+
+class NoLossError(Exception):
+    """The loss closure returned ``None``: there is no loss of this batch (Lightning's skipped batch).
+
+    A ``training_step`` that returns ``None`` tells Lightning to skip the batch; a curvature callback
+    that probes it skips the step as well (and counts it) instead of failing.
+    """
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,9 @@ class FunctionalLoss:
         vectorize: batch the ``k`` gradients of :meth:`gradients` with :func:`torch.func.vmap`. Falls back
             to a loop (and sets ``vectorize=False``) when the model cannot be vmapped, e.g. BatchNorm in
             training mode, or a loss that calls ``.item()``.
+        update_buffers: let the evaluations update the module's own buffers in place (BatchNorm running
+            statistics), as a training forward pass does, instead of working on clones. For stepping a
+            copy of a model (a perturbed twin), never for probing the model being trained.
 
     Raises:
         ValueError: if there are no trainable parameters.
@@ -98,12 +108,9 @@ class FunctionalLoss:
         loss_scale: float = 1.0,
         reduce: Callable[[Tensor], Tensor] | None = None,
         vectorize: bool = True,
+        update_buffers: bool = False,
     ) -> None:
-        named = (
-            list(params)
-            if params is not None
-            else [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        )
+        named = list(params) if params is not None else trainable_parameters(module)
         if not named:
             raise ValueError("FunctionalLoss: the module has no parameters with requires_grad=True.")
         self.names = [name for name, _ in named]
@@ -119,7 +126,7 @@ class FunctionalLoss:
         buffer_aliases: dict[int, tuple[list[str], Tensor]] = {}
         for name, tensor in module.named_buffers(remove_duplicate=False):
             buffer_aliases.setdefault(id(tensor), ([], tensor))[0].append(f"module.{name}")
-        self._buffers = list(buffer_aliases.values())
+        self._buffers = [] if update_buffers else list(buffer_aliases.values())
         self.rng_state = rng_state
         self.context = context or contextlib.nullcontext
         self.loss_scale = float(loss_scale)
@@ -146,6 +153,7 @@ class FunctionalLoss:
             The scalar loss, a 0-dim tensor.
 
         Raises:
+            NoLossError: the closure returned ``None`` (or a dict without a loss).
             ValueError: if the closure does not return a scalar tensor.
         """
         mapping = {key: t for keys, t in zip(self._param_keys, params) for key in keys}
@@ -157,6 +165,8 @@ class FunctionalLoss:
             loss = torch.func.functional_call(self._wrapper, mapping, (), tie_weights=False)
         if isinstance(loss, dict):
             loss = loss.get("loss")
+        if loss is None:
+            raise NoLossError("the loss closure returned None (a training_step that skips its batch)")
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(f"The curvature loss must be a scalar tensor, got {shape}.")
@@ -172,7 +182,7 @@ class FunctionalLoss:
             if self.loss_scale != 1.0:
                 loss = loss * self.loss_scale
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
+        return filled(grads, leaves)
 
     def _finish(self, flat: Tensor, count: int) -> Tensor:
         self.num_gradients += count

@@ -2,7 +2,7 @@
 
 The gradient-ascent map ``θ ↦ θ + β g(θ)`` has tangent map ``I + βH``. Two copies of the parameters a
 distance ``q`` apart separate, once ``q`` is aligned with the top eigenvector ``v0``, by ``1 + β h0`` per
-step. One iteration (DESIGN.md §1, correcting Algorithm 1 of the ICLR 2021 submission):
+step. One iteration (Algorithm 1 of the ICLR 2021 submission, corrected):
 
     y = g(θ + q) − g(θ)                      ≈ H q             (finite difference, exact for quadratics)
     d = q + β y                              = θ1 − θ0 after both ascent steps
@@ -18,7 +18,7 @@ With ``k > 1`` columns this is Benettin's algorithm (``D = Q + βY``, ``D = Q'R`
 iteration on the shifted operator ``sI − H`` with ``s ≥ h0``, whose dominant eigenvalue is ``s − h_min``.
 
 :class:`ControlledLyapunov` runs the iteration on any operator given as ``Q ↦ BQ``;
-:class:`HessianEigenEstimator` wires it to a :class:`~lightning_chaos.core.probe.FunctionalLoss`.
+:class:`HessianEigenEstimator` wires it to a :class:`~lightning_chaos.core.functional_loss.FunctionalLoss`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_chaos.core.probe import FunctionalLoss
+from lightning_chaos.core.benettin import positive_qr
+from lightning_chaos.core.functional_loss import FunctionalLoss
 
 BlockOperator = Callable[[Tensor], Tensor]
 """``Q ↦ B Q`` for a block ``Q`` of shape ``(N, k)``."""
@@ -180,14 +181,13 @@ class ControlledLyapunov:
             ``(exponents (k,), Ritz values descending (k,), Ritz residuals (k,), next basis (N, k))``.
         """
         u, b_u = u.double(), b_u.double()
-        new_basis, r = torch.linalg.qr(u + beta * b_u)
-        signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(r.dtype)
-        exponents = torch.log(torch.diagonal(r).abs())
+        new_basis, r_diag = positive_qr(u + beta * b_u)
+        exponents = torch.log(r_diag)
         projected = u.T @ b_u
         ritz, vectors = torch.linalg.eigh(0.5 * (projected + projected.T))
         ritz, vectors = ritz.flip(0), vectors.flip(1)
         residuals = torch.linalg.vector_norm(b_u @ vectors - (u @ vectors) * ritz, dim=0)
-        return exponents, ritz, residuals, new_basis * signs
+        return exponents, ritz, residuals, new_basis
 
     @staticmethod
     def _measure_vector(u: Tensor, b_u: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -349,7 +349,7 @@ class HessianEigenEstimator:
         tol: float = 1e-2,
         patience: int = 3,
     ) -> tuple[int, bool]:
-        """Iterate at a fixed point until the estimate settles (the cold start of DESIGN.md §1).
+        """Iterate at a fixed point until the estimate settles (the cold start).
 
         Settled means ``|λ − 1| < tol`` and a relative change of ``h0`` below ``tol`` for ``patience``
         consecutive iterations.

@@ -1,0 +1,220 @@
+"""Which batch, which loss and which gradient a curvature callback probes in a Lightning step.
+
+A curvature callback records the batch and the random state at ``on_train_batch_start`` and probes in
+``on_before_optimizer_step``. In Lightning 2.x that hook runs after the closure (forward and backward)
+and after the AMP scaler's ``unscale_``, but before gradient clipping and before the module's own
+``on_before_optimizer_step``: ``p.grad`` is then the unscaled, unclipped gradient of this batch, so it
+can serve as ``g(θ)`` when nothing else has touched it (see :func:`step_curvature`).
+
+The record and the step's :class:`~lightning_chaos.core.step_curvature.StepCurvature` live on the
+trainer, so several callbacks in one Trainer share one batch record, one ``g(θ)`` and one cache (e.g. a
+dense Hessian) per optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.fabric.utilities.apply_func import apply_to_collection
+from torch import Tensor, nn
+
+from lightning_chaos.core.functional_loss import FunctionalLoss, RNGState
+from lightning_chaos.core.params import trainable_parameters
+from lightning_chaos.core.step_curvature import StepCurvature
+
+_RECORD = "_lightning_chaos_record"
+
+
+@dataclass
+class BatchRecord:
+    """The batch of the current (last micro-)step and the random state its training step started from."""
+
+    batch: Any
+    batch_idx: int
+    rng: RNGState
+    vectorize: bool = True
+    curvatures: dict[float, StepCurvature] = field(default_factory=dict)
+
+
+def record_batch(trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
+    """Remember the batch and the random state (call from ``on_train_batch_start``; idempotent per batch)."""
+    record = getattr(trainer, _RECORD, None)
+    if record is None or record.batch is not batch or record.batch_idx != batch_idx:
+        # a model that could not be vmapped once is not tried again on every step
+        vectorize = record is None or (
+            record.vectorize and all(c.loss.vectorize for c in record.curvatures.values())
+        )
+        setattr(trainer, _RECORD, BatchRecord(batch, batch_idx, RNGState.capture(), vectorize))
+
+
+def current_record(trainer: pl.Trainer) -> BatchRecord:
+    """The batch and random state recorded by :func:`record_batch` for the current step.
+
+    Raises:
+        RuntimeError: nothing was recorded (the callback does not call ``record_batch``).
+    """
+    record: BatchRecord | None = getattr(trainer, _RECORD, None)
+    if record is None:
+        raise RuntimeError("No batch recorded: call record_batch() from on_train_batch_start.")
+    return record
+
+
+def _metrics(module: nn.Module) -> list[Any]:
+    """The torchmetrics ``Metric`` objects among the module's submodules."""
+    try:
+        from torchmetrics import Metric
+    except ImportError:  # pragma: no cover - torchmetrics is a dependency of lightning
+        return []
+    return [m for m in module.modules() if isinstance(m, Metric)]
+
+
+def _clone_state(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, list):
+        return [_clone_state(v) for v in value]
+    return value
+
+
+_METRIC_BOOKKEEPING = ("_update_count", "_computed", "_forward_cache", "_is_synced", "_cache")
+
+
+@contextlib.contextmanager
+def preserved_metrics(metrics: list[Any]) -> Iterator[None]:
+    """Restore every metric's state, update count and cached results after the block.
+
+    A probe evaluates the loss at perturbed parameters; a metric updated inside ``training_step`` would
+    otherwise count those evaluations as batches.
+    """
+    saved = [
+        (
+            metric,
+            {name: _clone_state(getattr(metric, name)) for name in metric._defaults},
+            {name: getattr(metric, name) for name in _METRIC_BOOKKEEPING if hasattr(metric, name)},
+        )
+        for metric in metrics
+    ]
+    try:
+        yield
+    finally:
+        for metric, states, bookkeeping in saved:
+            for name, value in {**states, **bookkeeping}.items():
+                object.__setattr__(metric, name, value)
+
+
+@contextlib.contextmanager
+def muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
+    """Turn ``self.log``/``self.log_dict`` into no-ops while the probe re-runs ``training_step``."""
+
+    def silent(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    saved = {name: pl_module.__dict__.get(name) for name in ("log", "log_dict")}
+    try:
+        for name in saved:
+            object.__setattr__(pl_module, name, silent)
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del pl_module.__dict__[name]
+            else:
+                object.__setattr__(pl_module, name, value)
+
+
+def loss_closure(pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> Callable[[], Tensor]:
+    """The training loss of ``batch`` as a zero-argument closure over ``pl_module``.
+
+    ``pl_module.curvature_loss(batch)`` when the module defines it (the documented protocol), otherwise
+    ``pl_module.training_step(batch, batch_idx)`` with ``self.log`` muted. Either way every torchmetrics
+    ``Metric`` of the module is left exactly as it was (:func:`preserved_metrics`).
+
+    Args:
+        pl_module: the module whose loss is evaluated (the training module or a copy of it).
+        batch: the batch.
+        batch_idx: its index, passed to ``training_step``.
+
+    Returns:
+        The closure; it returns whatever the loss function returns (checked by the caller).
+    """
+    metrics = _metrics(pl_module)
+    curvature_loss = getattr(pl_module, "curvature_loss", None)
+    if callable(curvature_loss):
+
+        def compute() -> Tensor:
+            with preserved_metrics(metrics):
+                return curvature_loss(batch)
+
+        return compute
+
+    def compute_training_step() -> Tensor:
+        with muted_logging(pl_module), preserved_metrics(metrics):
+            return pl_module.training_step(batch, batch_idx)
+
+    return compute_training_step
+
+
+def _sub_batch(batch: Any, fraction: float) -> Any:
+    def head(t: Tensor) -> Tensor:
+        return t[: max(1, math.ceil(fraction * t.shape[0]))] if t.dim() > 0 else t
+
+    return apply_to_collection(batch, Tensor, head)
+
+
+def step_curvature(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, fraction: float = 1.0
+) -> StepCurvature:
+    """The curvature of the batch recorded at ``on_train_batch_start``, built once per step and fraction.
+
+    ``g(θ)`` is reused from ``p.grad`` only when it is exactly the gradient of the probed loss: automatic
+    optimization, no gradient accumulation (``p.grad`` would be the scaled sum over micro-batches; the
+    probe then uses the last micro-batch and recomputes), the full batch, and a gradient present on every
+    trainable parameter. The loss runs under the precision plugin's autocast; with a GradScaler its
+    gradients are taken of the scaled loss and unscaled; with several processes they are averaged
+    across ranks (``trainer.strategy.reduce``), like DDP averages the training gradient.
+
+    Args:
+        trainer: the trainer.
+        pl_module: the module.
+        fraction: share of the batch (leading entries) the probe evaluates on, in ``(0, 1]``.
+
+    Returns:
+        The shared :class:`~lightning_chaos.core.step_curvature.StepCurvature`.
+    """
+    record = current_record(trainer)
+    if fraction in record.curvatures:
+        return record.curvatures[fraction]
+    batch = record.batch if fraction >= 1.0 else _sub_batch(record.batch, fraction)
+    named = trainable_parameters(pl_module)
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    reduce = None
+    if trainer.world_size > 1:
+
+        def reduce(t: Tensor) -> Tensor:
+            reduced: Tensor = trainer.strategy.reduce(t.clone(), reduce_op="mean")
+            return reduced
+
+    loss = FunctionalLoss(
+        pl_module,
+        loss_closure(pl_module, batch, record.batch_idx),
+        named,
+        rng_state=record.rng,
+        context=trainer.precision_plugin.forward_context,
+        loss_scale=float(scaler.get_scale()) if scaler is not None else 1.0,
+        reduce=reduce,
+        vectorize=record.vectorize,
+    )
+    reusable = (
+        pl_module.automatic_optimization
+        and trainer.accumulate_grad_batches == 1
+        and fraction >= 1.0
+        and all(p.grad is not None for _, p in named)
+    )
+    curvature = StepCurvature(loss, [p for _, p in named] if reusable else None)
+    record.curvatures[fraction] = curvature
+    return curvature
