@@ -14,6 +14,7 @@ from typing_extensions import override
 from lightning_chaos.callbacks._base import ProbeCallback, log_values
 from lightning_chaos.callbacks._checks import check_sgd, choice_arg, int_arg, number_arg
 from lightning_chaos.callbacks.hessian_eigenvalue import HessianEigenvalueMonitor
+from lightning_chaos.core.controlled_lyapunov import Products
 
 
 class InverseCurvatureLR(ProbeCallback):
@@ -30,8 +31,16 @@ class InverseCurvatureLR(ProbeCallback):
     .. math:: \bar h_t = \text{ema}\,\bar h_{t-1} + (1 - \text{ema})\,h_{0,t}, \qquad
               \text{lr}_t = \operatorname{clamp}(\text{scale} / \bar h_t,\ \text{lr\_min},\ \text{lr\_max})
 
-    (``h̄`` starts at the first valid estimate). Skipped (NaN/inf) and non-computed steps keep the
-    previous rate; before the first valid estimate the optimizer's own rate is used.
+    (``h̄`` starts at the first estimate it uses). Only converged estimates are used
+    (``chaos/h0_converged = 1``, see :class:`HessianEigenvalueMonitor`): an unconverged h0 is typically
+    too low and would raise the rate. Unconverged, skipped and non-computed steps keep the previous rate
+    (counted as ``lr_held_steps``); before the first converged estimate the optimizer's own rate is used.
+    ``use_unconverged=True`` uses every valid estimate instead (the paper's rule; ``lr_held_steps`` then
+    counts skipped steps only).
+
+    Only ``torch.optim.SGD`` is supported (``MisconfigurationException`` at fit start otherwise): ``1/h0``
+    is the Newton step of the SGD update; an adaptive optimizer such as Adam preconditions the update,
+    and its rate would need the curvature of the preconditioned Hessian.
 
     What ``scale`` means: on a quadratic, gradient descent with ``lr = 1/h0`` is Newton's step along the
     top eigenvector and ``lr < 2/h0`` is the stability limit. ``scale=1`` (default) is the paper's rule
@@ -44,21 +53,35 @@ class InverseCurvatureLR(ProbeCallback):
     two would fight silently). ``LearningRateMonitor`` reads ``param_groups`` at the start of the next
     batch, so its curve is ``chaos/lr`` shifted by one step.
 
-    Logged: ``chaos/lr`` (the rate used by this step's update) and ``chaos/h0_ema``.
+    Logged every computed step: ``lr`` (the rate this step's update uses, once one was set),
+    ``h0_ema`` and ``lr_held_steps``.
 
     Args:
         scale: numerator of the rule, > 0.
         ema: decay of the exponential moving average of h0, in ``[0, 1)`` (0: no averaging).
         lr_min: lower clamp of the rate, >= 0.
         lr_max: upper clamp of the rate, > 0 (``inf``: none).
-        estimator: which estimate drives the rate: ``"lyapunov"`` (``(e^λ − 1)/β``, logged as ``h0``) or
-            ``"rayleigh"`` (logged as ``h0_rayleigh``).
+        estimator: which estimate drives the rate: ``"ritz"`` (the top Ritz value, logged as ``h0``) or
+            ``"lyapunov"`` (``(e^λ − 1)/β`` of the step's first iteration, logged as ``h0_lyapunov``).
+        use_unconverged: also act on estimates that did not converge.
         every_n_steps: owned monitor only, see :class:`HessianEigenvalueMonitor`.
         n_iter: owned monitor only.
+        products: owned monitor only.
         delta_q: owned monitor only.
         warmup_iters: owned monitor only (must be > 0: the warm start is the point of this callback).
         seed: owned monitor only.
         log_prefix: prefix of the logged keys (and of the owned monitor's).
+
+    Attributes:
+        monitor: the monitor the curvature comes from (``None`` before ``setup``).
+        h0_ema: the moving average of h0 (``None`` before the first estimate used).
+        lr: the rate set last (``None`` before).
+        held_steps: computed steps on which the rate was kept.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_chaos import InverseCurvatureLR
+        >>> trainer = pl.Trainer(callbacks=[InverseCurvatureLR(lr_max=1.0)], logger=False)
     """
 
     def __init__(
@@ -67,9 +90,11 @@ class InverseCurvatureLR(ProbeCallback):
         ema: float = 0.9,
         lr_min: float = 0.0,
         lr_max: float = math.inf,
-        estimator: str = "lyapunov",
+        estimator: str = "ritz",
+        use_unconverged: bool = False,
         every_n_steps: int = 1,
-        n_iter: int = 1,
+        n_iter: int = 4,
+        products: Products = "auto",
         delta_q: float = 5e-2,
         warmup_iters: int = 100,
         seed: int = 0,
@@ -81,11 +106,13 @@ class InverseCurvatureLR(ProbeCallback):
         self.lr_max = number_arg("lr_max", lr_max, 0.0, low_open=True)
         if self.lr_max < self.lr_min:
             raise MisconfigurationException(f"`lr_max` ({lr_max}) must be >= `lr_min` ({lr_min}).")
-        self.estimator = choice_arg("estimator", estimator, ("lyapunov", "rayleigh"))
+        self.estimator = choice_arg("estimator", estimator, ("ritz", "lyapunov"))
+        self.use_unconverged = bool(use_unconverged)
         self.log_prefix = log_prefix
         self._own_monitor = HessianEigenvalueMonitor(
             every_n_steps=every_n_steps,
             n_iter=n_iter,
+            products=products,
             delta_q=delta_q,
             warmup_iters=int_arg("warmup_iters", warmup_iters),
             seed=seed,
@@ -94,6 +121,7 @@ class InverseCurvatureLR(ProbeCallback):
         self.monitor: HessianEigenvalueMonitor | None = None
         self.h0_ema: float | None = None
         self.lr: float | None = None
+        self.held_steps = 0
 
     @property
     def owns_monitor(self) -> bool:
@@ -134,16 +162,23 @@ class InverseCurvatureLR(ProbeCallback):
         """Update the average curvature and write the learning rate this step's update will use."""
         assert self.monitor is not None
         estimate = self.monitor.estimate(trainer, pl_module)
-        if estimate is None or not estimate.valid:
+        if estimate is None:
             return
-        h0 = estimate.h0 if self.estimator == "lyapunov" else estimate.h0_rayleigh
-        if not (math.isfinite(h0) and h0 > 0):
-            return
-        self.h0_ema = h0 if self.h0_ema is None else self.ema * self.h0_ema + (1 - self.ema) * h0
-        self.lr = min(max(self.scale / self.h0_ema, self.lr_min), self.lr_max)
-        for group in optimizer.param_groups:
-            group["lr"] = self.lr
-        log_values(trainer, {"lr": self.lr, "h0_ema": self.h0_ema}, self.log_prefix)
+        h0 = estimate.h0 if self.estimator == "ritz" else estimate.h0_lyapunov
+        usable = estimate.valid and (estimate.converged or self.use_unconverged)
+        if usable and math.isfinite(h0) and h0 > 0:
+            self.h0_ema = h0 if self.h0_ema is None else self.ema * self.h0_ema + (1 - self.ema) * h0
+            self.lr = min(max(self.scale / self.h0_ema, self.lr_min), self.lr_max)
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr
+        else:
+            self.held_steps += 1
+        values: dict[str, float | None] = {
+            "lr": self.lr,
+            "h0_ema": self.h0_ema,
+            "lr_held_steps": self.held_steps,
+        }
+        log_values(trainer, values, self.log_prefix)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -151,6 +186,7 @@ class InverseCurvatureLR(ProbeCallback):
         return {
             "h0_ema": self.h0_ema,
             "lr": self.lr,
+            "held_steps": self.held_steps,
             "monitor": self._own_monitor.state_dict(),
         }
 
@@ -159,4 +195,5 @@ class InverseCurvatureLR(ProbeCallback):
         """Restore :meth:`state_dict` output."""
         self.h0_ema = state_dict["h0_ema"]
         self.lr = state_dict["lr"]
+        self.held_steps = int(state_dict["held_steps"])
         self._own_monitor.load_state_dict(state_dict["monitor"])

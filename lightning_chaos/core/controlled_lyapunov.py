@@ -1,24 +1,41 @@
-"""Controlled Lyapunov iteration: extreme Hessian eigenvalues for about one gradient per step.
+"""Where h0 is computed: the controlled Lyapunov iteration, accelerated by Rayleigh–Ritz.
 
-The gradient-ascent map ``θ ↦ θ + β g(θ)`` has tangent map ``I + βH``. Two copies of the parameters a
+The gradient-ascent map ``θ ↦ θ + β g(θ)`` has tangent map ``I + βH``: two copies of the parameters a
 distance ``q`` apart separate, once ``q`` is aligned with the top eigenvector ``v0``, by ``1 + β h0`` per
-step. One iteration (Algorithm 1 of the ICLR 2021 submission, corrected):
+step. One iteration of the method of "A Chaos Theory Approach to Understand Neural Network Optimization"
+(ICLR 2021 submission, Algorithm 1, corrected) from a unit direction ``u``::
 
-    y = g(θ + q) − g(θ)                      ≈ H q             (finite difference, exact for quadratics)
-    d = q + β y                              = θ1 − θ0 after both ascent steps
-    λ = log(‖d‖ / ‖q‖)                       finite-size Lyapunov exponent
-    h0 ≈ (exp(λ) − 1) / β                    eigenvalue of the discrete map (the paper reports 1/β,
-                                             which at the controlled point β h0 = e − 1 is 1.72× too small)
-    h0 ≈ qᵀ y / ‖q‖²                         Rayleigh quotient (exact for an aligned q)
-    β ← β / λ                                control: drives λ → 1, i.e. β h0 → e − 1
-    q ← Δq · d / ‖d‖                         re-centre (θ0 is θ again: g(θ) is computed once per step)
+    y = H u                                   (a Hessian-vector product, see below)
+    λ = log ‖u + β y‖                         finite-size Lyapunov exponent
+    h0 ≈ (exp(λ) − 1) / β                     the paper reports 1/β, which at the controlled point
+                                              β h0 = e − 1 is 1.72× too small
+    β ← β / λ                                 control: drives λ → 1, i.e. β h0 → e − 1
+    u ← (u + β y) / ‖u + β y‖                 re-centre: the next step's warm start
 
-With ``k > 1`` columns this is Benettin's algorithm (``D = Q + βY``, ``D = Q'R``, exponents
-``log|R_jj|``) plus Rayleigh–Ritz on ``span(Q)``. The most negative eigenvalue comes from the same
-iteration on the shifted operator ``sI − H`` with ``s ≥ h0``, whose dominant eigenvalue is ``s − h_min``.
+The direction carried from step to step is what makes one product per step enough when consecutive
+batches share their top eigenvector. When they do not, one power step cannot recover: the iterates of a
+step span a Krylov space ``span{u, Hu, H²u, …}``, and Rayleigh–Ritz on that space (Lanczos started from
+the warm direction) is the best use of the same products. So each computed step here
 
-:class:`ControlledLyapunov` runs the iteration on any operator given as ``Q ↦ BQ``;
-:class:`HessianEigenEstimator` wires it to a :class:`~lightning_chaos.core.functional_loss.FunctionalLoss`.
+1. applies the operator to the warm direction(s) (the first iteration, which also gives λ and β);
+2. takes the top Ritz pair ``(ρ, x)`` of the space spanned so far, with residual ``r = ‖Hx − ρx‖``;
+3. stops when ``r ≤ tol · |ρ|`` (*converged*) or after ``n_iter`` iterations, else extends the space by
+   the (orthogonalised) residual, one product per iteration;
+4. warm-starts the next step from the controlled iteration applied to the Ritz vector,
+   ``(x + βHx)/‖x + βHx‖`` (no extra product: ``Hx`` is a combination of the products already made).
+
+What the numbers are worth: with exact products ``ρ`` is a lower bound of h0 (Courant–Fischer). The
+residual says an eigenvalue of H lies within ``r`` of ``ρ``; it locates the *nearest* eigenvalue, not h0:
+a Krylov space whose start has almost no component along ``v0`` can converge to a lower eigenvalue. The
+convergence flag is therefore a measured indicator, not a bound; ``benchmarks/README.md`` measures how
+often a converged step is off.
+
+The products are exact Hessian-vector products or finite differences ``(g(θ + Δq u) − g(θ))/Δq`` (one
+gradient each, the paper's way; exact for quadratic losses, off by the third derivative and by rounding
+otherwise). :class:`FiniteDifferenceScale` keeps Δq where the difference matches an exact product along
+the current direction to a stated tolerance, re-checked as training moves. :class:`HessianEigenEstimator`
+wires all of it to the curvature of a training step; :class:`ControlledLyapunov` is the iteration on any
+symmetric operator given as ``V ↦ BV``.
 """
 
 from __future__ import annotations
@@ -27,186 +44,241 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from lightning_chaos.core.benettin import positive_qr
 from lightning_chaos.core.functional_loss import FunctionalLoss
+from lightning_chaos.core.operators import SecondOrderError
+from lightning_chaos.core.step_curvature import StepCurvature
+from lightning_chaos.core.validation import check_choice, check_int, check_number
+
+__all__ = [
+    "GRAPH_COST",
+    "HVP_COST",
+    "PRODUCTS",
+    "ControlledLyapunov",
+    "CurvatureEstimate",
+    "DirectionProbe",
+    "FiniteDifferenceScale",
+    "HessianEigenEstimator",
+    "LyapunovStep",
+]
 
 BlockOperator = Callable[[Tensor], Tensor]
-"""``Q ↦ B Q`` for a block ``Q`` of shape ``(N, k)``."""
+"""``V ↦ B V`` for a block ``V`` of shape ``(N, j)``."""
+
+Products = Literal["auto", "finite_difference", "exact"]
+PRODUCTS: tuple[Products, ...] = ("auto", "finite_difference", "exact")
+"""How Hessian-vector products are formed (see :class:`HessianEigenEstimator`)."""
 
 
 @dataclass
 class LyapunovStep:
-    """Outcome of one controlled iteration on an operator ``B``.
+    """Outcome of one computed step of :class:`ControlledLyapunov` on an operator ``B``.
 
     Attributes:
-        valid: False when the iteration produced NaN/inf (in ``BQ``, the estimates or the next β) or no
-            measurable growth (``λ0 ≤ 100·eps`` of the dtype, which includes ``λ0 ≤ 0``); then nothing
-            else is meaningful, the direction is re-randomised and β kept (or, if ``0 < λ0`` was just too
-            small to measure while the Rayleigh quotient ρ > 0, re-aimed at ``(e − 1)/ρ``).
-        exponents: ``(k,)`` finite-size exponents ``λ_j = log|R_jj|`` of the map ``I + βB``.
-        eigenvalues: ``(k,)`` Lyapunov estimates ``(exp(λ_j) − 1) / β`` of the top-k eigenvalues of ``B``.
-        ritz_values: ``(k,)`` Rayleigh–Ritz values of ``B`` on ``span(Q)``, descending (for ``k = 1`` the
-            Rayleigh quotient ``qᵀBq / ‖q‖²``).
-        residuals: ``(k,)`` Ritz residual norms ``‖B u − ρ u‖`` for unit Ritz vectors ``u``. For symmetric
-            ``B`` an exact eigenvalue lies within this distance of each Ritz value.
-        beta: the β used by this iteration (before the control update).
+        valid: False when a product was not finite; nothing else is meaningful then.
+        converged: the residual criterion held for every requested pair.
+        ritz_values: ``(k,)`` top Ritz values of B on the step's Krylov space, descending (float64).
+        residuals: ``(k,)`` residual norms ``‖B x_i − ρ_i x_i‖`` of the unit Ritz vectors.
+        exponents: ``(k,)`` finite-size exponents ``λ_j = log|R_jj|`` of ``(I + βB)U`` for the warm block U.
+        lyapunov: ``(k,)`` Lyapunov estimates ``(exp(λ_j) − 1)/β`` (NaN where ``λ_j`` is not measurable).
+        beta: the β of this step (before the control update).
+        num_products: products ``B v`` spent (a block of j columns counts j).
+        vectors: ``(N, k)`` unit Ritz vectors (``None`` when invalid).
+        images: ``(N, k)`` their images ``B x_i`` (``None`` when invalid).
     """
 
     valid: bool
-    exponents: Tensor
-    eigenvalues: Tensor
-    ritz_values: Tensor
-    residuals: Tensor
-    beta: float
+    converged: bool = False
+    ritz_values: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.float64))
+    residuals: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.float64))
+    exponents: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.float64))
+    lyapunov: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.float64))
+    beta: float = math.nan
+    num_products: int = 0
+    vectors: Tensor | None = None
+    images: Tensor | None = None
 
 
 class ControlledLyapunov:
-    """Controlled Lyapunov (Benettin) iteration with a warm-started block of ``k`` directions.
+    """The controlled Lyapunov iteration at one end of a symmetric operator, with Rayleigh–Ritz.
 
-    The direction block is stored as an orthonormal ``U`` of shape ``(N, k)``; each iteration probes
-    ``Q = Δq · U``. The state (``U``, β, the generator, the recent exponents) persists across calls: that
-    warm start is what makes one iteration per training step enough.
+    The warm block ``U`` (orthonormal, ``(N, k)``), β, the private generator and the recent exponents
+    persist across calls: :meth:`step` runs one computed step (module docstring) and leaves the warm start
+    for the next one. For the most negative eigenvalue of H run it on ``B = −H``.
 
     Args:
-        k: number of directions (1: largest eigenvalue only).
-        delta_q: separation ``Δq > 0`` of the probe points (absolute, or relative to ``scale`` passed to
-            :meth:`iterate`).
+        k: number of top eigenpairs.
         beta: initial ascent rate β > 0; the control adapts it.
         seed: seed of the private generator that draws random directions (identical on every rank).
-        window: number of recent valid ``λ0`` kept for :attr:`fluctuation`.
+        window: number of recent ``λ0`` kept for :attr:`fluctuation`.
 
     Raises:
-        ValueError: on ``k < 1``, ``delta_q ≤ 0``, ``beta ≤ 0`` or ``window < 1``.
+        ValueError: on ``k < 1``, ``beta ≤ 0`` or ``window < 1``.
+
+    Example:
+        >>> a = torch.diag(torch.tensor([10.0, 9.0, 1.0, 0.5], dtype=torch.float64))
+        >>> iteration = ControlledLyapunov()
+        >>> step = iteration.step(a.__matmul__, 4, dtype=torch.float64, max_products=4, tol=1e-6)
+        >>> round(float(step.ritz_values[0]), 6), step.converged
+        (10.0, True)
     """
 
-    def __init__(self, k: int = 1, delta_q: float = 5e-2, beta: float = 1.0, seed: int = 0, window: int = 20):
-        if int(k) != k or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}.")
-        if not delta_q > 0 or not math.isfinite(delta_q):
-            raise ValueError(f"delta_q must be a finite number > 0, got {delta_q!r}.")
-        if not beta > 0 or not math.isfinite(beta):
-            raise ValueError(f"beta must be a finite number > 0, got {beta!r}.")
-        if int(window) != window or window < 1:
-            raise ValueError(f"window must be a positive integer, got {window!r}.")
-        self.k = int(k)
-        self.delta_q = float(delta_q)
-        self.beta = float(beta)
+    def __init__(
+        self, k: int = 1, beta: float = 1.0, seed: int = 0, window: int = 20, block: int | None = None
+    ) -> None:
+        self.k = check_int("k", k)
+        self.block = self.k if block is None else check_int("block", block, minimum=self.k)
+        self.beta = check_number("beta", beta, 0.0, low_open=True, high_open=True)
+        window = check_int("window", window)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.basis: Tensor | None = None
-        self.recent: deque[float] = deque(maxlen=int(window))
+        self.recent: deque[float] = deque(maxlen=window)
         self.num_restarts = 0
 
     @property
     def fluctuation(self) -> float:
-        """Mean ``|λ0 − 1|`` over the recent valid iterations (``nan`` before the first).
+        """Mean ``|λ0 − 1|`` over the recent measurable exponents (``nan`` before the first).
 
-        The control holds λ0 at 1 while the curvature seen by the direction is steady; a settled estimate
-        has a small fluctuation, a cold or drifting one a large one.
+        The control holds λ0 at 1 while the curvature seen by the warm direction is steady.
         """
         return sum(abs(x - 1.0) for x in self.recent) / len(self.recent) if self.recent else math.nan
 
-    def _randomize(self, dim: int, dtype: torch.dtype, device: torch.device) -> None:
-        block = torch.randn(dim, self.k, generator=self.generator, dtype=torch.float64)
+    def randomize(self, dim: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        """Draw a fresh random orthonormal warm block (from the private generator)."""
+        block = torch.randn(dim, self.block, generator=self.generator, dtype=torch.float64)
         self.basis = torch.linalg.qr(block).Q.to(dtype=dtype, device=device)
 
-    def _ensure_basis(self, dim: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        if self.basis is None or self.basis.shape != (dim, self.k):
-            self._randomize(dim, dtype, device)
-        elif self.basis.device != device or self.basis.dtype != dtype:
+    def _warm(self, dim: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        if self.basis is None or self.basis.shape != (dim, self.block):
+            self.randomize(dim, dtype, device)
+        assert self.basis is not None
+        if self.basis.device != device or self.basis.dtype != dtype:
             self.basis = self.basis.to(device=device, dtype=dtype)
         return self.basis
 
-    def iterate(
+    def step(
         self,
         apply: BlockOperator,
         dim: int,
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
-        scale: float = 1.0,
+        max_products: int = 1,
+        tol: float = 0.05,
+        first_images: Tensor | None = None,
     ) -> LyapunovStep:
-        """One controlled iteration.
+        """One computed step: the iteration from the warm block, Rayleigh–Ritz, adaptive extension.
 
         Args:
-            apply: ``Q ↦ BQ`` for ``Q`` of shape ``(N, k)`` whose columns have norm ``Δq·scale``.
+            apply: ``V ↦ BV`` for ``V`` of shape ``(N, j)`` (unit columns).
             dim: ``N``.
-            dtype: dtype of the direction block (that of the parameters).
-            device: device of the direction block.
-            scale: multiplies ``delta_q`` (``‖θ‖`` for a relative separation).
+            dtype: dtype of the directions (that of the parameters).
+            device: device of the directions.
+            max_products: bound on the products of this step (at least ``k``: the warm block).
+            tol: convergence tolerance on the relative Ritz residual ``‖Bx − ρx‖ / |ρ|``.
+            first_images: ``B U`` for the current warm block ``U`` if already computed (not counted).
 
         Returns:
             The :class:`LyapunovStep`. On an invalid step β is kept and the directions re-drawn.
         """
-        basis = self._ensure_basis(dim, dtype, torch.device(device))
-        delta = self.delta_q * float(scale)
+        device = torch.device(device)
+        warm = self._warm(dim, dtype, device)
         beta = self.beta
-        b_basis = apply(delta * basis) / delta  # B U
-        measure = self._measure_vector if self.k == 1 else self._measure_block
-        exponents, ritz, residuals, new_basis = measure(basis, b_basis, beta)
-        eigenvalues = torch.expm1(exponents) / beta
-        # Growth below a few hundred ulps of the parameters' dtype is rounding, not curvature (e.g. a
-        # finite difference that cancelled to zero at huge weights): treat it as "no measurable growth".
-        floor = 100 * torch.finfo(dtype).eps
-        lam0 = float(exponents[0])
-        next_beta = beta / lam0 if lam0 > 0 else math.inf
-        valid = (
-            bool(torch.isfinite(b_basis).all())
-            and bool(torch.isfinite(eigenvalues).all())
-            and lam0 > floor
-            and math.isfinite(next_beta)
+        if first_images is None:
+            images, spent = apply(warm), self.block
+        else:  # the warm block's first column was applied already
+            images = (
+                torch.cat([first_images.reshape(dim, -1), apply(warm[:, 1:])], dim=1)
+                if self.block > 1
+                else first_images.reshape(dim, 1)
+            )
+            spent = self.block - 1
+        basis, columns = warm, images
+        if not bool(torch.isfinite(images).all()):
+            return self._invalid(dim, dtype, device, spent, beta)
+        exponents, rho0 = self._exponents(warm[:, : self.k], images[:, : self.k], beta)
+        self._control(float(exponents[0]), float(rho0), dtype)
+        while True:
+            ritz_all, coefficients = _rayleigh_ritz(basis, columns, self.block)
+            ritz = ritz_all[: self.k]
+            vectors, mapped = basis @ coefficients[:, : self.k], columns @ coefficients[:, : self.k]
+            residuals = torch.linalg.vector_norm(mapped - vectors * ritz.to(dtype), dim=0).double()
+            unconverged = (residuals > tol * ritz.abs()).nonzero().flatten()
+            if unconverged.numel() == 0 or spent >= max_products:
+                break
+            # B x_i orthogonalised against span(basis) is the direction of its residual B x_i − ρ_i x_i
+            extension = _orthogonal_extension(basis, mapped[:, int(unconverged[0])])
+            if extension is None:  # the Krylov space is invariant: the Ritz pairs are exact
+                unconverged = unconverged[:0]
+                break
+            image = apply(extension)
+            spent += 1
+            if not bool(torch.isfinite(image).all()):
+                return self._invalid(dim, dtype, device, spent, beta)
+            basis, columns = torch.cat([basis, extension], dim=1), torch.cat([columns, image], dim=1)
+        lyapunov = torch.where(exponents > _floor(dtype), torch.expm1(exponents) / beta, math.nan)
+        self.basis = self._next_block(basis, coefficients, ritz, mapped, beta)
+        return LyapunovStep(
+            valid=True,
+            converged=unconverged.numel() == 0,
+            ritz_values=ritz,
+            residuals=residuals,
+            exponents=exponents,
+            lyapunov=lyapunov,
+            beta=beta,
+            num_products=spent,
+            vectors=vectors,
+            images=mapped,
         )
-        if not valid:
-            rayleigh = float(ritz[0])
-            if 0.0 < lam0 <= floor and math.isfinite(rayleigh) and rayleigh > 0:
-                self.beta = (math.e - 1) / rayleigh  # β far too small for this curvature: re-aim it
-            self.num_restarts += 1
-            self._randomize(dim, dtype, torch.device(device))
-            nan = torch.full((self.k,), math.nan, dtype=torch.float64)
-            return LyapunovStep(False, nan, nan, nan, nan, beta)
-        self.beta = next_beta
-        self.basis = new_basis.to(dtype=dtype)
-        self.recent.append(lam0)
-        return LyapunovStep(True, exponents, eigenvalues, ritz, residuals, beta)
 
-    @staticmethod
-    def _measure_block(u: Tensor, b_u: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Benettin QR of ``(I + βB)U`` and Rayleigh–Ritz on ``span(U)``, in float64.
+    def _next_block(
+        self, basis: Tensor, coefficients: Tensor, ritz: Tensor, mapped: Tensor, beta: float
+    ) -> Tensor:
+        """The next warm block: the controlled iteration applied to the top-k Ritz vectors, and more.
 
-        Returns:
-            ``(exponents (k,), Ritz values descending (k,), Ritz residuals (k,), next basis (N, k))``.
+        With a block larger than k: the top residual and further Ritz vectors up to the block size, so that
+        the block spans ``x_1`` and ``Hx_1`` (one Lanczos step carried over to the next batch).
         """
-        u, b_u = u.double(), b_u.double()
-        new_basis, r_diag = positive_qr(u + beta * b_u)
-        exponents = torch.log(r_diag)
-        projected = u.T @ b_u
-        ritz, vectors = torch.linalg.eigh(0.5 * (projected + projected.T))
-        ritz, vectors = ritz.flip(0), vectors.flip(1)
-        residuals = torch.linalg.vector_norm(b_u @ vectors - (u @ vectors) * ritz, dim=0)
-        return exponents, ritz, residuals, new_basis
+        vectors = basis @ coefficients[:, : self.k]
+        iterate = vectors + beta * mapped
+        if self.block == self.k:
+            return positive_qr(iterate)[0]
+        residual = mapped[:, :1] - vectors[:, :1] * ritz[:1].to(vectors.dtype)
+        others = basis @ coefficients[:, self.k : self.block - 1]
+        return positive_qr(torch.cat([iterate, residual, others], dim=1))[0]
 
-    @staticmethod
-    def _measure_vector(u: Tensor, b_u: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The ``k = 1`` case of :meth:`_measure_block` from two dot products, in the parameters' dtype.
+    def _exponents(self, warm: Tensor, images: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+        """Benettin exponents ``log|R_jj|`` of ``(I + βB)U`` and the Rayleigh quotient of ``u_0``."""
+        rho0 = warm[:, 0] @ images[:, 0]
+        if self.k == 1:  # ‖u + βBu‖² = 1 + 2βρ + β²‖Bu‖² for a unit u: two dot products, no QR
+            growth = 1.0 + 2.0 * beta * float(rho0) + beta * beta * float(images[:, 0] @ images[:, 0])
+            exponent = 0.5 * math.log(growth) if growth > 0 else -math.inf
+            return torch.tensor([exponent], dtype=torch.float64), rho0
+        _, r_diag = positive_qr((warm + beta * images).double())
+        return torch.log(r_diag), rho0
 
-        With ``‖u‖ = 1``, ``ρ = uᵀBu`` and ``s = ‖Bu‖²``: ``‖(I + βB)u‖² = 1 + 2βρ + β²s``, and the
-        Rayleigh residual is ``‖Bu − ρu‖ = √(s − ρ²)``. No float64 copies of N-vectors, no QR (the
-        block path costs several times the probe's gradient on large models).
-        """
-        d = u + beta * b_u
-        rho, s = float(u[:, 0] @ b_u[:, 0]), float(b_u[:, 0] @ b_u[:, 0])
-        growth = 1.0 + 2.0 * beta * rho + beta * beta * s
-        exponent = 0.5 * math.log(growth) if growth > 0 else -math.inf
-        residual = math.sqrt(max(s - rho * rho, 0.0))
-        exponents, ritz, residuals = torch.tensor([[exponent], [rho], [residual]], dtype=torch.float64)
-        return exponents, ritz, residuals, d / torch.linalg.vector_norm(d)
+    def _control(self, lam0: float, rho0: float, dtype: torch.dtype) -> None:
+        """β ← β/λ; growth below rounding level re-aims β at ``(e − 1)/ρ`` instead."""
+        if math.isfinite(lam0) and lam0 > _floor(dtype):
+            self.beta = self.beta / lam0
+            self.recent.append(lam0)
+        elif math.isfinite(rho0) and rho0 > 0:
+            self.beta = (math.e - 1) / rho0
+
+    def _invalid(
+        self, dim: int, dtype: torch.dtype, device: torch.device, spent: int, beta: float
+    ) -> LyapunovStep:
+        self.num_restarts += 1
+        self.randomize(dim, dtype, device)
+        return LyapunovStep(valid=False, beta=beta, num_products=spent)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the iteration exactly: direction, β, generator, history."""
+        """Everything needed to continue the iteration exactly: warm block, β, generator, history."""
         return {
             "basis": None if self.basis is None else self.basis.detach().cpu().clone(),
             "beta": self.beta,
@@ -216,7 +288,7 @@ class ControlledLyapunov:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output (the basis moves to the parameters' device on first use)."""
+        """Restore :meth:`state_dict` output (the block moves to the parameters' device on first use)."""
         self.basis = state["basis"]
         self.beta = float(state["beta"])
         self.generator.set_state(state["generator"])
@@ -225,168 +297,534 @@ class ControlledLyapunov:
         self.num_restarts = int(state["num_restarts"])
 
 
+def _floor(dtype: torch.dtype) -> float:
+    """Growth below a few hundred ulps of the parameters' dtype is rounding, not curvature."""
+    return 100 * torch.finfo(dtype).eps
+
+
+def _rayleigh_ritz(basis: Tensor, images: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k Ritz values (descending, float64) and coefficient vectors ``(j, k)`` on ``span(basis)``.
+
+    ``T = Vᵀ(BV)`` is symmetrised: finite-difference products are symmetric only up to their error.
+    """
+    projected = (basis.T @ images).double()
+    values, vectors = torch.linalg.eigh(0.5 * (projected + projected.T))
+    top = min(k, values.numel())
+    return values.flip(0)[:top], vectors.flip(1)[:, :top].to(basis.dtype)
+
+
+def _orthogonal_extension(basis: Tensor, direction: Tensor) -> Tensor | None:
+    """``direction`` orthogonalised against ``basis`` (Gram–Schmidt twice), unit, as ``(N, 1)``.
+
+    ``None`` when nothing is left (``direction`` lies in ``span(basis)`` to rounding).
+    """
+    v = direction.reshape(-1, 1)
+    norm = float(torch.linalg.vector_norm(v))
+    for _ in range(2):
+        v = v - basis @ (basis.T @ v)
+    remaining = float(torch.linalg.vector_norm(v))
+    if not remaining > math.sqrt(basis.shape[0]) * torch.finfo(basis.dtype).eps * max(norm, 1e-300):
+        return None
+    return v / remaining
+
+
+HVP_COST = 2.0
+"""Gradient-equivalents charged for one exact Hessian-vector product (a backward pass through a gradient
+graph, which is about twice the size of the forward graph; measured in ``benchmarks/README.md``)."""
+
+GRAPH_COST = 1.0
+"""Gradient-equivalents charged for building the gradient graph (``create_graph=True``) of a step."""
+
+
 @dataclass
-class CurvatureEstimate:
-    """Hessian eigenvalue estimates of one training step (all floats; ``nan`` where not computed).
+class DirectionProbe:
+    """A unit direction ``u`` with its exact image ``Hu``, for comparing finite differences with it.
 
     Attributes:
-        valid: False when the step was skipped (NaN/inf gradients or ``λ ≤ 0``).
-        h0: largest eigenvalue from the Lyapunov exponent, ``(exp(λ) − 1) / β``.
-        h0_rayleigh: largest Ritz value (Rayleigh quotient for ``k = 1``).
-        h0_residual: Ritz residual of the top pair: an exact eigenvalue lies within it of ``h0_rayleigh``.
-        lyapunov_exponent: finite-size exponent λ of the top direction (≈ 1 once controlled).
+        finite_difference: ``Δq ↦ (g(θ + Δq u) − g(θ))/Δq`` (one gradient per call).
+        exact: ``Hu``.
+        known: finite differences already computed, by Δq (reused, not recounted).
+    """
+
+    finite_difference: Callable[[float], Tensor]
+    exact: Tensor
+    known: dict[float, Tensor] = field(default_factory=dict)
+
+    def error(self, delta: float) -> tuple[float, int]:
+        """Relative error ``‖FD(Δq) − Hu‖ / ‖Hu‖`` and the gradients spent on it (0 or 1)."""
+        spent = 0
+        if delta not in self.known:
+            self.known[delta] = self.finite_difference(delta)
+            spent = 1
+        difference = float(torch.linalg.vector_norm(self.known[delta] - self.exact))
+        norm = float(torch.linalg.vector_norm(self.exact))
+        return (difference / norm if norm > 0 else (0.0 if difference == 0 else math.inf)), spent
+
+
+class FiniteDifferenceScale:
+    """The separation Δq of finite-difference products, kept where they match exact products.
+
+    A finite difference ``(g(θ + Δq u) − g(θ))/Δq`` is ``Hu`` up to ``O(Δq)`` (the third derivative, and
+    the kinks of ReLU, max-pool and BatchNorm crossed within Δq, whose error does not shrink with Δq: a
+    crossed kink adds a jump of the gradient divided by Δq) and up to rounding ``O(eps/Δq)``
+    (cancellation in float32). Its relative error along a direction u,
+
+        e(Δq) = ‖(g(θ + Δq u) − g(θ))/Δq − Hu‖ / ‖Hu‖,
+
+    is measured against exact products (:meth:`calibrate`), along the top direction (what h0 depends
+    on) and along a random one (what a Krylov extension looks like). The largest Δq of the ladder
+    ``delta_max · 4^{-j}`` whose worst error is ``≤ tol`` is kept; when no rung passes, finite
+    differences are abandoned for exact products until the next check.
+
+    Args:
+        delta_max: the largest (and first) separation tried, ``> 0``.
+        tol: tolerance on ``e``, ``> 0``.
+        rungs: number of rungs below ``delta_max``.
+
+    Attributes:
+        delta_q: the current separation.
+        exact: whether products are exact for now (no rung passed).
+        error: the worst ``e`` of the current setting at the last check (``nan`` before).
+        num_checks: checks made.
+
+    Example:
+        >>> a = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> grad = lambda theta: a @ theta + theta**3  # the gradient of ½θᵀAθ + θ⁴/4 at θ
+        >>> u = torch.tensor([1.0, 0.0], dtype=torch.float64)
+        >>> probe = DirectionProbe(lambda dq: (grad(dq * u) - grad(0 * u)) / dq, a @ u)
+        >>> scale = FiniteDifferenceScale(delta_max=0.5, tol=1e-2)
+        >>> scale.calibrate([probe]), scale.delta_q, scale.exact
+        (3, 0.03125, False)
+    """
+
+    def __init__(self, delta_max: float = 5e-2, tol: float = 2e-2, rungs: int = 8) -> None:
+        self.delta_max = check_number("delta_q", delta_max, 0.0, low_open=True, high_open=True)
+        self.tol = check_number("delta_q_tol", tol, 0.0, low_open=True, high_open=True)
+        self.rungs = check_int("rungs", rungs, minimum=0)
+        self.delta_q = self.delta_max
+        self.exact = False
+        self.error = math.nan
+        self.num_checks = 0
+
+    def ladder(self) -> list[float]:
+        """The separations that may be chosen, largest first."""
+        return [self.delta_max * 4.0**-j for j in range(self.rungs + 1)]
+
+    def calibrate(self, probes: list[DirectionProbe]) -> int:
+        """Choose Δq from the ladder by comparing finite differences with exact products.
+
+        Starts at the current Δq. If it passes, tries one rung up when it passes by a wide margin
+        (``e ≤ tol/4``: less cancellation); if it fails, walks down until a rung passes, stopping early
+        when the error grows twice in a row (rounding dominates below).
+
+        Args:
+            probes: the directions, each with its exact image.
+
+        Returns:
+            The gradients spent.
+        """
+        self.num_checks += 1
+        spent = 0
+
+        def error(delta: float) -> float:
+            nonlocal spent
+            worst = 0.0
+            for probe in probes:
+                e, cost = probe.error(delta)
+                worst, spent = max(worst, e), spent + cost
+                if worst > self.tol:  # the other directions cannot rescue this rung
+                    break
+            return worst
+
+        ladder = self.ladder()
+        start = min(range(len(ladder)), key=lambda i: abs(math.log(ladder[i] / self.delta_q)))
+        current = error(ladder[start])
+        if current <= self.tol:
+            if current <= self.tol / 4 and start > 0:
+                up = error(ladder[start - 1])
+                if up <= self.tol:
+                    start, current = start - 1, up
+            self.delta_q, self.error, self.exact = ladder[start], current, False
+            return spent
+        best, best_error, rising, previous = start, current, 0, current
+        for index in range(start + 1, len(ladder)):
+            e = error(ladder[index])
+            if e <= self.tol:
+                self.delta_q, self.error, self.exact = ladder[index], e, False
+                return spent
+            if e < best_error:
+                best, best_error = index, e
+            rising = rising + 1 if e > previous else 0
+            previous = e
+            if rising >= 2:
+                break
+        self.delta_q, self.error, self.exact = ladder[best], best_error, True
+        return spent
+
+    def state_dict(self) -> dict[str, Any]:
+        """The current separation, mode, error and check count."""
+        return {
+            "delta_q": self.delta_q,
+            "exact": self.exact,
+            "error": self.error,
+            "num_checks": self.num_checks,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output."""
+        self.delta_q = float(state["delta_q"])
+        self.exact = bool(state["exact"])
+        self.error = float(state["error"])
+        self.num_checks = int(state["num_checks"])
+
+
+@dataclass
+class CurvatureEstimate:
+    """Hessian eigenvalue estimates of one computed step (floats; ``nan`` where not computed).
+
+    Attributes:
+        valid: False when the step was skipped (NaN/inf gradients or products).
+        converged: the convergence criterion held (relative Ritz residual ``≤ tol`` for the top-k pairs,
+            and for the most negative pair when requested).
+        h0: largest Ritz value of the step's Krylov space: the estimate of the largest eigenvalue (a lower
+            bound of it for exact products).
+        h0_lyapunov: ``(exp(λ) − 1)/β`` of the step's first iteration (the paper's estimate, corrected).
+        h0_residual: ``‖Hx − h0·x‖`` of the unit Ritz vector: an eigenvalue lies within it of ``h0`` (the
+            nearest one, not necessarily the largest).
+        lyapunov_exponent: finite-size exponent λ of the step's first iteration (≈ 1 once controlled).
         beta: ascent rate β used for the step.
-        fluctuation: mean ``|λ − 1|`` over the recent steps (small = settled).
-        top: Ritz values of the top-k block, descending.
-        h_min: most negative eigenvalue from its Lyapunov exponent (``nan`` unless requested).
-        h_min_rayleigh: Rayleigh quotient of the most negative direction.
-        num_gradients: gradients evaluated by the probe in this step.
+        fluctuation: mean ``|λ − 1|`` over the recent steps.
+        top: top-k Ritz values, descending.
+        h_min: most negative Ritz value (``nan`` unless requested).
+        num_gradients: gradients evaluated in this step (finite differences, ``g(θ)`` when computed here,
+            Δq checks).
+        num_hvps: exact Hessian-vector products in this step.
+        num_graphs: gradient graphs built for exact products in this step (0 or 1).
+        cost: gradient-equivalents of the step: ``num_gradients + HVP_COST·num_hvps + GRAPH_COST·num_graphs``.
+        num_products: Hessian products the iteration used (finite-difference or exact).
+        exact_products: whether the iteration's products were exact.
+        delta_q: the separation of the finite differences (``nan`` for exact products).
+        delta_q_error: worst relative error of a finite difference at ``delta_q`` measured on this step
+            (check steps only).
+        warmup_products: products of the warm-up, when it ran on this step.
     """
 
     valid: bool
+    converged: bool = False
     h0: float = math.nan
-    h0_rayleigh: float = math.nan
+    h0_lyapunov: float = math.nan
     h0_residual: float = math.nan
     lyapunov_exponent: float = math.nan
     beta: float = math.nan
     fluctuation: float = math.nan
     top: list[float] = field(default_factory=list)
     h_min: float = math.nan
-    h_min_rayleigh: float = math.nan
     num_gradients: int = 0
+    num_hvps: int = 0
+    num_graphs: int = 0
+    cost: float = 0.0
+    num_products: int = 0
+    exact_products: bool = False
+    delta_q: float = math.nan
+    delta_q_error: float = math.nan
+    warmup_products: int = 0
 
 
 class HessianEigenEstimator:
-    """Per-step estimates of the top-k and the most negative Hessian eigenvalues of a fixed-batch loss.
+    """Per-step estimates of the top-k and the most negative Hessian eigenvalues of a training step.
 
-    Each :meth:`step` takes the loss of the current batch at the current point θ and runs ``n_iter``
-    controlled iterations from the warm-started directions. The cost is one gradient ``g(θ)`` (free when
-    the caller passes the training gradient as ``g0``) plus ``k`` gradients per iteration, plus one per
-    iteration for the most negative eigenvalue.
+    Each :meth:`step` takes the curvature of the current batch at the current θ
+    (:class:`~lightning_chaos.core.step_curvature.StepCurvature`) and runs one computed step of the
+    Rayleigh–Ritz-accelerated controlled Lyapunov iteration (module docstring) from the warm directions.
+    The first step (and the first after a lost direction) runs a warm-up instead: the same iteration
+    from a random direction with up to ``warmup_iters`` products and the tolerance ``warmup_tol``.
+
+    Products (``products``):
+
+    * ``"auto"``: the warm-up runs on exact Hessian-vector products (when the model has second
+      derivatives) and then compares finite differences with exact products along its top Ritz vector
+      and a random direction (:class:`FiniteDifferenceScale`). Where a Δq meets ``delta_q_tol`` the steps
+      use finite differences (one gradient each) at that Δq, re-checked every ``check_every`` computed
+      steps; otherwise (ReLU, max-pool and BatchNorm kinks, attention softmax saturating within Δq) they
+      use exact products until a check finds a Δq that passes. A model without second derivatives keeps
+      finite differences at ``delta_q``, unchecked.
+    * ``"finite_difference"``: finite differences at the fixed ``delta_q`` (the paper's method).
+    * ``"exact"``: exact Hessian-vector products only (double backward through the step's gradient graph).
+
+    Cost: every product, gradient and graph is counted (:attr:`CurvatureEstimate.cost`, in
+    gradient-equivalents: a gradient 1, an exact product :data:`HVP_COST`, the step's gradient graph
+    :data:`GRAPH_COST`). The computed steps after the warm-up spend at most ``budget`` on average: a step
+    may use what earlier steps saved (up to three steps' worth) and at most ``n_iter`` products; a step
+    always gets at least one product per warm direction. The warm-up is bounded by ``warmup_iters``.
 
     Args:
-        top_k: number of top eigenvalues (Benettin block size).
-        most_negative: also estimate the most negative eigenvalue (shifted iteration on ``sI − H`` with
-            ``s = max(h0, 0)``; requires ``|h_min| < 2.16 h0`` to separate from ``h0`` in the first place
-            and ``s − h_min`` to dominate ``s − h_i``).
-        delta_q: probe separation Δq.
-        relative_delta_q: if True the separation is ``delta_q · ‖θ‖``.
-        seed: seed of the direction generator.
+        top_k: number of top eigenvalues.
+        most_negative: also estimate the most negative eigenvalue (the same iteration on ``−H``).
+        n_iter: products per computed step at most, per end of the spectrum (1: the paper's one product
+            per step).
+        tol: convergence tolerance on the relative Ritz residual.
+        budget: mean gradient-equivalents per computed step (``inf``: only ``n_iter`` bounds a step).
+        products: ``"auto"``, ``"finite_difference"`` or ``"exact"``.
+        delta_q: the (largest) finite-difference separation.
+        delta_q_tol: tolerance on the relative error of a finite difference (``"auto"``).
+        relative_delta_q: the separation is ``delta_q · ‖θ‖``.
+        check_every: computed steps between Δq checks (``"auto"``).
+        warmup_iters: products of the warm-up at most (0: no warm-up).
+        warmup_tol: convergence tolerance of the warm-up.
+        block: warm directions carried between steps (at least ``top_k``); beyond ``top_k`` the block
+            also carries the top residual, i.e. one Lanczos step of the previous batch.
+        seed: seed of the direction generators.
         window: number of steps in :attr:`CurvatureEstimate.fluctuation`.
+
+    Example:
+        >>> from lightning_chaos.core.functional_loss import FunctionalLoss
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> x, y = torch.randn(32, 4), torch.randn(32, 1)
+        >>> curvature = StepCurvature(FunctionalLoss(model, lambda: ((model(x) - y) ** 2).mean()))
+        >>> estimate = HessianEigenEstimator().step(curvature)
+        >>> estimate.valid, estimate.converged, estimate.h0 > 0
+        (True, True, True)
     """
 
     def __init__(
         self,
         top_k: int = 1,
         most_negative: bool = False,
+        n_iter: int = 8,
+        tol: float = 0.05,
+        budget: float = 4.0,
+        products: Products = "auto",
         delta_q: float = 5e-2,
+        delta_q_tol: float = 2e-2,
         relative_delta_q: bool = False,
+        check_every: int = 50,
+        warmup_iters: int = 100,
+        warmup_tol: float = 1e-2,
+        block: int | None = None,
         seed: int = 0,
         window: int = 20,
     ) -> None:
-        self.top = ControlledLyapunov(k=top_k, delta_q=delta_q, seed=seed, window=window)
-        self.negative = (
-            ControlledLyapunov(k=1, delta_q=delta_q, seed=seed + 1, window=window) if most_negative else None
-        )
+        self.top = ControlledLyapunov(k=top_k, seed=seed, window=window, block=block)
+        self.negative = ControlledLyapunov(k=1, seed=seed + 1, window=window) if most_negative else None
+        self.n_iter = check_int("n_iter", n_iter)
+        self.tol = check_number("tol", tol, 0.0, low_open=True, high_open=True)
+        self.budget = check_number("budget", budget, 0.0, low_open=True)
+        self.products = check_choice("products", products, PRODUCTS)
+        self.scale = FiniteDifferenceScale(delta_q, delta_q_tol)
         self.relative_delta_q = bool(relative_delta_q)
-        self._shift = 0.0
+        self.check_every = check_int("check_every", check_every)
+        self.warmup_iters = check_int("warmup_iters", warmup_iters, minimum=0)
+        self.warmup_tol = check_number("warmup_tol", warmup_tol, 0.0, low_open=True, high_open=True)
+        self.needs_warmup = self.warmup_iters > 0
+        self.steps_since_check = 0
+        self.credit = 0.0
+        self.second_order = products != "finite_difference"  # False once the model showed it has none
+        self._probe_generator = torch.Generator().manual_seed(int(seed) + 2)
 
-    def _scale(self, loss: FunctionalLoss) -> float:
+    def _length(self, loss: FunctionalLoss) -> float:
+        """``‖θ‖`` for a relative separation, else 1."""
         return float(torch.linalg.vector_norm(loss.theta())) if self.relative_delta_q else 1.0
 
-    def step(self, loss: FunctionalLoss, g0: Tensor | None = None, n_iter: int = 1) -> CurvatureEstimate:
-        """Run ``n_iter`` iterations at the point and batch of ``loss``.
+    def _exact(self) -> bool:
+        if self.products == "exact":
+            return True
+        return self.products == "auto" and self.second_order and (self.scale.exact or self.needs_warmup)
+
+    def step(self, curvature: StepCurvature, g0: Tensor | None = None) -> CurvatureEstimate:
+        """Estimate the eigenvalues of the step's Hessian (warm-up first when due).
 
         Args:
-            loss: the fixed-batch functional loss at the current θ.
-            g0: the gradient ``g(θ)`` of exactly this loss, ``(N,)``, if already known (the training
-                gradient); computed otherwise.
-            n_iter: iterations on this batch (each costs ``top_k`` (+1) gradients).
+            curvature: the step's curvature (its loss, training gradient and exact operator).
+            g0: ``g(θ)`` of exactly this loss, ``(N,)``, if known; else ``curvature.g0()``.
 
         Returns:
-            The estimates of the last iteration; ``valid=False`` if any iteration was invalid.
+            The :class:`CurvatureEstimate` (``valid=False`` when a gradient or product was not finite).
+
+        Raises:
+            NoLossError: the loss closure returned ``None`` (nothing was estimated).
+            SecondOrderError: ``products="exact"`` on a model without second derivatives.
         """
-        start = loss.num_gradients
+        loss = curvature.loss
+        operator = curvature.cache.get("hessian")  # built by an earlier consumer of this step, if any
+        before = (loss.num_gradients, *((operator.num_hvps, operator.num_graphs) if operator else (0, 0)))
         if g0 is None:
-            g0 = loss.gradient()
-        if not torch.isfinite(g0).all():
-            return CurvatureEstimate(valid=False, num_gradients=loss.num_gradients - start)
-        dim, dtype, device, scale = g0.numel(), g0.dtype, g0.device, self._scale(loss)
-
-        def hessian_block(block: Tensor) -> Tensor:
-            return loss.gradients(block) - g0[:, None]
-
-        def shifted_block(block: Tensor) -> Tensor:
-            return self._shift * block - hessian_block(block)
-
-        estimate = CurvatureEstimate(valid=True)
-        for _ in range(n_iter):
-            top = self.top.iterate(hessian_block, dim, dtype=dtype, device=device, scale=scale)
-            if not top.valid:
-                return CurvatureEstimate(valid=False, num_gradients=loss.num_gradients - start)
-            estimate.h0 = float(top.eigenvalues[0])
-            estimate.h0_rayleigh = float(top.ritz_values[0])
-            estimate.h0_residual = float(top.residuals[0])
-            estimate.lyapunov_exponent = float(top.exponents[0])
-            estimate.beta = top.beta
-            estimate.top = [float(x) for x in top.ritz_values]
-            if self.negative is not None:
-                self._shift = max(estimate.h0, estimate.h0_rayleigh, 0.0)
-                low = self.negative.iterate(shifted_block, dim, dtype=dtype, device=device, scale=scale)
-                if not low.valid:
-                    return CurvatureEstimate(valid=False, num_gradients=loss.num_gradients - start)
-                estimate.h_min = self._shift - float(low.eigenvalues[0])
-                estimate.h_min_rayleigh = self._shift - float(low.ritz_values[0])
-        estimate.fluctuation = self.top.fluctuation
-        estimate.num_gradients = loss.num_gradients - start
+            g0 = curvature.g0()
+        if bool(torch.isfinite(g0).all()):
+            estimate = self._step(curvature, g0, before)
+        else:
+            estimate = CurvatureEstimate(valid=False)
+        self._count(estimate, curvature, before)
         return estimate
 
-    def warmup(
-        self,
-        loss: FunctionalLoss,
-        g0: Tensor | None = None,
-        max_iters: int = 100,
-        tol: float = 1e-2,
-        patience: int = 3,
-    ) -> tuple[int, bool]:
-        """Iterate at a fixed point until the estimate settles (the cold start).
+    def _count(self, estimate: CurvatureEstimate, curvature: StepCurvature, before: tuple[int, ...]) -> None:
+        """Fill in the step's gradients, exact products, graphs and their cost in gradient-equivalents."""
+        operator = curvature.cache.get("hessian")
+        estimate.num_gradients = curvature.loss.num_gradients - before[0]
+        estimate.num_hvps = operator.num_hvps - before[1] if operator is not None else 0
+        estimate.num_graphs = operator.num_graphs - before[2] if operator is not None else 0
+        estimate.cost = (
+            estimate.num_gradients + HVP_COST * estimate.num_hvps + GRAPH_COST * estimate.num_graphs
+        )
 
-        Settled means ``|λ − 1| < tol`` and a relative change of ``h0`` below ``tol`` for ``patience``
-        consecutive iterations.
+    def _spent(self, curvature: StepCurvature, before: tuple[int, ...]) -> float:
+        probe = CurvatureEstimate(valid=True)
+        self._count(probe, curvature, before)
+        return probe.cost
 
-        Args:
-            loss: the fixed-batch functional loss.
-            g0: ``g(θ)`` if known.
-            max_iters: bound on the iterations.
-            tol: tolerance on ``|λ − 1|`` and on the relative change of ``h0``.
-            patience: consecutive settled iterations required.
+    def _products(self, curvature: StepCurvature, g0: Tensor, exact: bool) -> BlockOperator:
+        """``V ↦ HV`` by exact products or by finite differences at the current Δq."""
+        if exact:
+            return curvature.hessian().matmat
+        loss = curvature.loss
+        delta = (self.scale.delta_q if self.products == "auto" else self.scale.delta_max) * self._length(loss)
 
-        Returns:
-            ``(iterations used, settled)``.
+        def finite_difference(block: Tensor) -> Tensor:
+            if block.shape[1] == 1:
+                return ((loss.gradient(delta * block[:, 0]) - g0) / delta).unsqueeze(1)
+            return (loss.gradients(delta * block) - g0[:, None]) / delta
+
+        return finite_difference
+
+    def _probe(
+        self, curvature: StepCurvature, g0: Tensor, direction: Tensor, image: Tensor
+    ) -> DirectionProbe:
+        """A :class:`DirectionProbe` along ``direction`` (normalised) with its exact ``image``."""
+        loss, length = curvature.loss, self._length(curvature.loss)
+        norm = torch.linalg.vector_norm(direction)
+        unit = direction / norm
+
+        def finite_difference(delta: float) -> Tensor:
+            return (loss.gradient(delta * length * unit) - g0) / (delta * length)
+
+        return DirectionProbe(finite_difference, image / norm)
+
+    def _random_direction(self, like: Tensor) -> Tensor:
+        return torch.randn(like.numel(), generator=self._probe_generator, dtype=torch.float64).to(like)
+
+    def _max_products(self, curvature: StepCurvature, exact: bool, available: float, spent: float) -> int:
+        """Products this step may use: what the credit pays for, within ``[block, n_iter + block − 1]``."""
+        graph = GRAPH_COST if exact and curvature.hessian().num_graphs == 0 else 0.0
+        unit = HVP_COST if exact else 1.0
+        affordable = math.floor((available - spent - graph) / unit) if math.isfinite(available) else math.inf
+        cap = self.n_iter + self.top.block - 1
+        return int(max(self.top.block, min(cap, affordable)))
+
+    def _step(self, curvature: StepCurvature, g0: Tensor, before: tuple[int, ...]) -> CurvatureEstimate:
+        dim, dtype, device = g0.numel(), g0.dtype, g0.device
+        warming = self.needs_warmup
+        available = math.inf if warming else min(self.credit + self.budget, 3 * self.budget)
+        try:
+            return self._run(curvature, g0, before, warming, available)
+        except SecondOrderError:
+            if self.products != "auto":
+                raise
+            # no second derivatives: finite differences at the given Δq from now on, unchecked
+            self.second_order = False
+            if warming:
+                self.top.randomize(dim, dtype, device)
+            return self._run(curvature, g0, before, warming, available)
+
+    def _run(
+        self, curvature: StepCurvature, g0: Tensor, before: tuple[int, ...], warming: bool, available: float
+    ) -> CurvatureEstimate:
+        dim, dtype, device = g0.numel(), g0.dtype, g0.device
+        exact, first_images, check_error = self._exact(), None, math.nan
+        if warming:
+            self.top.randomize(dim, dtype, device)
+        elif self.products == "auto" and self.second_order:
+            self.steps_since_check += 1
+            if self.steps_since_check >= self.check_every:
+                first_images, exact, check_error = self._check(curvature, g0)
+        tol = self.warmup_tol if warming else self.tol
+        budget = (
+            self.warmup_iters
+            if warming
+            else self._max_products(curvature, exact, available, self._spent(curvature, before))
+        )
+        apply = self._products(curvature, g0, exact)
+        top = self.top.step(
+            apply, dim, dtype=dtype, device=device, max_products=budget, tol=tol, first_images=first_images
+        )
+        if not top.valid:
+            self.needs_warmup = self.warmup_iters > 0
+            return CurvatureEstimate(valid=False)
+        estimate = CurvatureEstimate(
+            valid=True,
+            converged=top.converged,
+            h0=float(top.ritz_values[0]),
+            h0_lyapunov=float(top.lyapunov[0]),
+            h0_residual=float(top.residuals[0]),
+            lyapunov_exponent=float(top.exponents[0]),
+            beta=top.beta,
+            fluctuation=self.top.fluctuation,
+            top=[float(x) for x in top.ritz_values],
+            num_products=top.num_products,
+            exact_products=exact,
+            delta_q=math.nan if exact else self.scale.delta_q * self._length(curvature.loss),
+            delta_q_error=check_error,
+            warmup_products=top.num_products if warming else 0,
+        )
+        if self.negative is not None:
+            if warming:
+                self.negative.randomize(dim, dtype, device)
+
+            def negated(block: Tensor) -> Tensor:
+                return -apply(block)
+
+            if not warming:
+                budget = self._max_products(curvature, exact, available, self._spent(curvature, before))
+            low = self.negative.step(negated, dim, dtype=dtype, device=device, max_products=budget, tol=tol)
+            if not low.valid:
+                self.needs_warmup = self.warmup_iters > 0
+                return CurvatureEstimate(valid=False)
+            estimate.h_min = -float(low.ritz_values[0])
+            estimate.converged = estimate.converged and low.converged
+            estimate.num_products += low.num_products
+            estimate.warmup_products += low.num_products if warming else 0
+        if warming and exact and self.products == "auto":
+            assert top.vectors is not None and top.images is not None
+            self._calibrate(curvature, g0, top.vectors[:, 0], top.images[:, 0])
+            estimate.delta_q_error = self.scale.error
+        if not warming:
+            self.credit = available - self._spent(curvature, before)
+        self.needs_warmup = False
+        return estimate
+
+    def _check(self, curvature: StepCurvature, g0: Tensor) -> tuple[Tensor, bool, float]:
+        """Re-check Δq along the warm direction and a random one; returns the step's first images.
+
+        The exact product of the warm direction serves as the step's first product (it is exact and
+        already paid for); the finite difference at the kept Δq is compared with it.
         """
-        if g0 is None:
-            g0 = loss.gradient()
-        streak, previous = 0, math.nan
-        for i in range(1, max_iters + 1):
-            estimate = self.step(loss, g0=g0)
-            if not estimate.valid:
-                streak, previous = 0, math.nan
-                continue
-            settled = abs(estimate.lyapunov_exponent - 1.0) < tol and abs(
-                estimate.h0 - previous
-            ) <= tol * abs(estimate.h0)
-            streak = streak + 1 if settled else 0
-            previous = estimate.h0
-            if streak >= patience:
-                return i, True
-        return max_iters, False
+        self.steps_since_check = 0
+        warm = self.top._warm(g0.numel(), g0.dtype, g0.device)
+        directions = torch.cat([warm, self._random_direction(g0).unsqueeze(1)], dim=1)
+        images = curvature.hessian().matmat(directions)
+        probes = [self._probe(curvature, g0, directions[:, i], images[:, i]) for i in (0, 1)]
+        self.scale.calibrate(probes)
+        return images[:, : self.top.block], self.scale.exact, self.scale.error
+
+    def _calibrate(self, curvature: StepCurvature, g0: Tensor, vector: Tensor, image: Tensor) -> None:
+        """Choose Δq after the warm-up: along its top Ritz vector (exact image known) and a random one."""
+        direction = self._random_direction(g0)
+        probes = [
+            self._probe(curvature, g0, vector, image),
+            self._probe(curvature, g0, direction, curvature.hessian().matvec(direction)),
+        ]
+        self.scale.calibrate(probes)
+        self.steps_since_check = 0
 
     def state_dict(self) -> dict[str, Any]:
-        """State of both iterations and of the shift."""
+        """State of both iterations, of the Δq control, of the credit and of the schedule."""
         return {
             "top": self.top.state_dict(),
             "negative": None if self.negative is None else self.negative.state_dict(),
-            "shift": self._shift,
+            "scale": self.scale.state_dict(),
+            "needs_warmup": self.needs_warmup,
+            "steps_since_check": self.steps_since_check,
+            "credit": self.credit,
+            "second_order": self.second_order,
+            "probe_generator": self._probe_generator.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -394,4 +832,9 @@ class HessianEigenEstimator:
         self.top.load_state_dict(state["top"])
         if self.negative is not None and state["negative"] is not None:
             self.negative.load_state_dict(state["negative"])
-        self._shift = float(state["shift"])
+        self.scale.load_state_dict(state["scale"])
+        self.needs_warmup = bool(state["needs_warmup"])
+        self.steps_since_check = int(state["steps_since_check"])
+        self.credit = float(state["credit"])
+        self.second_order = bool(state["second_order"])
+        self._probe_generator.set_state(state["probe_generator"])
