@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,13 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks import accuracy, slq, timing  # noqa: E402
-from benchmarks.common import device_description, quiet, resolve_device  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    device_description,
+    quiet,
+    resolve_device,
+    results_block,
+    write_block,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,27 +64,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--accuracy-steps", type=int, help="training steps of each accuracy run")
     parser.add_argument("--accuracy-every", type=int, help="exact reference every this many steps")
     return parser.parse_args(argv)
-
-
-def results_block(tag: str, sections: list[str]) -> str:
-    return (
-        f"<!-- BEGIN RESULTS: {tag} -->\n" + "\n\n".join(sections).strip() + f"\n<!-- END RESULTS: {tag} -->"
-    )
-
-
-def write_block(path: Path, tag: str, block: str) -> None:
-    """Replace the results block of ``tag`` in ``path`` (or append it)."""
-    text = path.read_text() if path.exists() else ""
-    pattern = re.compile(
-        rf"^<!-- BEGIN RESULTS: {re.escape(tag)} -->$.*?^<!-- END RESULTS: {re.escape(tag)} -->$",
-        re.DOTALL | re.MULTILINE,
-    )
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def load_note(start: tuple[float, float, float] | None) -> str:
