@@ -86,6 +86,9 @@ CRITERIA = {
 }
 """Acceptance thresholds the suite checks its numbers against (the targets the estimator must meet)."""
 
+SUITE_MONITORS: list[dict[str, Any]] = [{}, {"n_iter": 4}, {"delta_q": 1e-3}]
+"""The monitors of ``benchmarks/run.py --only suite``: the defaults and two variants."""
+
 GRADIENT_NAMES = ("num_gradients", "probe_gradients", "num_products", "gradients")
 """Attribute names under which an estimate may carry the gradients it spent (first found wins)."""
 
@@ -158,7 +161,7 @@ class Settings:
     crosscheck_steps: frozenset[int]
     crosscheck_max_n: int
     delta_qs: tuple[float, ...] = DELTA_QS
-    eig_tol: float = 1e-10
+    eig_tol: float = 1e-8
     seed: int = 0
 
 
@@ -334,7 +337,7 @@ class SameBatchReference(Callback):
                 dense["func"]["h0_rel_diff"] = abs(dense["func"]["h0"] - eig.h0) / abs(ref["h0"])
             record.crosscheck = dense
         if step in s.diag_steps:
-            record.diag = self._diagnostics(fp32, theta32, g32, p_grad, exact_loss, eig.h0, v0)
+            record.diag = self._diagnostics(fp32, theta32, g32, p_grad, hessian, eig.h0, v0, step)
         return record
 
     def _diagnostics(
@@ -343,17 +346,26 @@ class SameBatchReference(Callback):
         theta32: Tensor,
         g32: Tensor,
         p_grad: Tensor | None,
-        exact_loss: BatchLoss,
+        hessian: ExactHessian,
         h0: float,
         v0: Tensor,
+        step: int,
     ) -> dict[str, Any]:
-        """Finite-difference quotients along the exact top eigenvector ``v0``, relative to h0, per Δq.
+        """Finite differences against exact products, along the exact top eigenvector v0 and a random u.
+
+        ``by_delta_q`` (relative errors against h0):
 
         ``one_sided``/``central``: ``v0ᵀ(g(θ+Δq v0) − g(θ))/Δq`` and ``v0ᵀ(g(θ+Δq v0) − g(θ−Δq v0))/(2Δq)``
         with float32 parameters as trained (default attention kernels, as the monitor runs them);
         ``one_sided_train_grad``: the one-sided quotient with the training gradient ``p.grad`` as ``g(θ)``;
         ``one_sided_exact``/``central_exact``: the same in the exact dtype (no float32 cancellation).
+
+        ``random_by_delta_q``: ``‖(g(θ+Δq u) − g(θ))/Δq − Hu‖ / h0`` for a seeded random unit ``u``, in
+        float32 (``fp32``) and the exact dtype (``exact``): the part of the difference that is not ``Hu``, in
+        units of h0, which an estimate built on the norm of the difference (the Lyapunov growth) counts as
+        curvature.
         """
+        exact_loss = hessian.loss
         v32 = v0.to(torch.float32)
         v = v0.double()
         theta_x = exact_loss.theta()
@@ -377,6 +389,19 @@ class SameBatchReference(Callback):
             out["by_delta_q"][repr(dq)] = {
                 k: None if x is None else (x - h0) / abs(h0) for k, x in entry.items()
             }
+        generator = torch.Generator().manual_seed(self.settings.seed + 7919 * (step + 1))
+        u = torch.randn(v0.numel(), generator=generator, dtype=torch.float64)
+        u /= torch.linalg.vector_norm(u)
+        hu = hessian.matvec(u).double()
+        out["random_by_delta_q"] = {}
+        for dq in self.settings.delta_qs:
+            y32 = (fp32.gradient(theta32 + dq * u.to(torch.float32)).double() - g32.double()) / dq
+            yx = (exact_loss.gradient(theta_x + dq * u.to(exact_loss.dtype)).double() - gx.double()) / dq
+            out["random_by_delta_q"][repr(dq)] = {
+                "fp32": float(torch.linalg.vector_norm(y32 - hu)) / abs(h0),
+                "exact": float(torch.linalg.vector_norm(yx - hu)) / abs(h0),
+            }
+        out["random_hu_over_h0"] = float(torch.linalg.vector_norm(hu)) / abs(h0)
         return out
 
 
@@ -708,6 +733,9 @@ def fd_table(results: Sequence[CaseResult]) -> str:
             for key in ("one_sided", "central", "one_sided_train_grad", "one_sided_exact", "central_exact"):
                 vals = [d["by_delta_q"][dq][key] for d in diags if d["by_delta_q"][dq][key] is not None]
                 cells.append(_signed_and_max(vals))
+            for key in ("fp32", "exact"):
+                vals = [d["random_by_delta_q"][dq][key] for d in diags]
+                cells.append(f"{fmt(median(vals), '.2g')} ({fmt(max(vals), '.2g')})")
             rows.append([r.label, str(len(diags)), fmt(float(dq), "g"), *cells])
     header = [
         "model",
@@ -718,6 +746,8 @@ def fd_table(results: Sequence[CaseResult]) -> str:
         "one-sided fp32, g(θ) = p.grad",
         "one-sided exact dtype",
         "central exact dtype",
+        "random u: ‖y − Hu‖/h0 fp32",
+        "random u: ‖y − Hu‖/h0 exact dtype",
     ]
     return markdown_table(header, rows)
 
@@ -808,7 +838,8 @@ def tables(results: Sequence[CaseResult], specs: Sequence[MonitorSpec], skip: in
         "Warm-up step (the first computed step):",
         warmup_table(results),
         "Why (a): finite-difference quotients along the exact top eigenvector v0, relative error against h0, "
-        "median signed over the diagnostic points (max |·|):",
+        "median signed over the diagnostic points (max |·|); and along a random unit direction u the part of "
+        "y = (g(θ+Δq u) − g(θ))/Δq that is not Hu, in units of h0, median (max):",
         fd_table(results),
         "Why (b): spectral gap, drift of the exact top eigenvector between consecutive reference steps, "
         "where v0 lives, and the oracle's own checks:",
@@ -928,7 +959,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (1)")
     parser.add_argument("--json", type=Path, help="write the strict-JSON record here")
     parser.add_argument("--out", type=Path, help="markdown file whose results block (--tag) is (re)written")
-    parser.add_argument("--tag", help="results block name in --out (default: suite-<device>, smoke-suite-…)")
+    parser.add_argument(
+        "--tag", help="results block name in --out (default: <device>-suite, smoke-<device>-suite)"
+    )
     return parser.parse_args(argv)
 
 
@@ -1024,7 +1057,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     text = "\n\n".join(sections)
     print(text)
     if args.out is not None:
-        tag = args.tag or ("smoke-" if args.smoke else "") + f"suite-{device.type}"
+        tag = args.tag or ("smoke-" if args.smoke else "") + f"{device.type}-suite"
         write_block(args.out, tag, results_block(tag, [text]))
     if args.json is not None:
         args.json.write_text(json.dumps(rec, indent=1, allow_nan=False) + "\n")

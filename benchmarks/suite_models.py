@@ -21,7 +21,7 @@ Cases (``key``: what it is):
   ``randn`` inputs in every batch (no sample is seen twice), batch 4; its Hessian is the same
   input Gram matrix for both outputs, so every eigenvalue, h0 included, is double;
 * ``small_resnet``: ``Classifier(SmallResNet(width=8))`` on CIFAR-shaped (3×32×32) random images with
-  random labels, batch 16.
+  random labels, batch 8.
 """
 
 from __future__ import annotations
@@ -276,7 +276,7 @@ def _boring(smoke: bool, steps: int, seed: int) -> tuple[pl.LightningModule, Any
 def _small_resnet(smoke: bool, steps: int, seed: int) -> tuple[pl.LightningModule, Any]:
     width, side = (2, 8) if smoke else (8, 32)
     model = Classifier(SmallResNet(width=width), lr=0.1)
-    data = SyntheticDataModule((3, side, side), 10, num_samples=512, batch_size=16, seed=seed, drop_last=True)
+    data = SyntheticDataModule((3, side, side), 10, num_samples=512, batch_size=8, seed=seed, drop_last=True)
     return model, data
 
 
@@ -337,8 +337,8 @@ CASES: dict[str, Case] = {
             _small_resnet,
             None,
             steps=60,
-            every=2,
-            description="`Classifier(SmallResNet(width=8))`, 3×32×32 random images and labels, batch 16",
+            every=3,
+            description="`Classifier(SmallResNet(width=8))`, 3×32×32 random images and labels, batch 8",
         ),
     )
 }

@@ -161,7 +161,9 @@ def test_suite_smoke_writes_every_table_and_a_strict_json_record(suite_smoke):
 
     text, raw = suite_smoke
     assert text.startswith("# Benchmarks\n\nhand-written text stays")
-    assert "<!-- BEGIN RESULTS: smoke-suite-cpu -->" in text and "<!-- END RESULTS: smoke-suite-cpu -->" in text
+    assert (
+        "<!-- BEGIN RESULTS: smoke-cpu-suite -->" in text and "<!-- END RESULTS: smoke-cpu-suite -->" in text
+    )
     labels = [f"{case.label} (smoke size)" for case in CASES.values()]
     main = table_rows(text, "| model | monitor | N | points |")
     assert [(row[0], row[1]) for row in main] == [(label, m) for label in labels for m in ("defaults", "two")]
@@ -261,7 +263,10 @@ def test_suite_oracle_matches_finite_differences_through_layernorm_and_batchnorm
     dense = torch.stack([hessian.matvec(e) for e in torch.eye(n, dtype=torch.float64)], 1)
     theta, h = loss.theta(), 1e-5
     fd = torch.stack(
-        [(loss.gradient(theta + h * e) - loss.gradient(theta - h * e)) / (2 * h) for e in torch.eye(n).double()],
+        [
+            (loss.gradient(theta + h * e) - loss.gradient(theta - h * e)) / (2 * h)
+            for e in torch.eye(n).double()
+        ],
         1,
     )
     torch.testing.assert_close(dense, fd, rtol=1e-6, atol=1e-7)
@@ -295,7 +300,13 @@ def test_suite_summary_counts_flags_errors_and_cost():
     assert s["flagged_median_abs_err"] == pytest.approx(0.05)
     assert s["flagged_off_share"] == pytest.approx(0.25) and s["off_share"] == pytest.approx(0.5)
     assert s["mean_gradients"] == pytest.approx(2.0)
-    assert s["criteria"] == {"median": False, "p90": False, "converged": False, "flagged_off": False, "cost": True}
+    assert s["criteria"] == {
+        "median": False,
+        "p90": False,
+        "converged": False,
+        "flagged_off": False,
+        "cost": True,
+    }
     for r in records:  # without a `converged` attribute every valid estimate counts as flagged
         r.monitors["m"]["converged"] = None
     s = summarize(result, "m", skip=1)
