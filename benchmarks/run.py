@@ -203,13 +203,16 @@ def main(argv: list[str] | None = None) -> str:
         results = suite.run_suite(
             suite.select(args.suite_models), specs, steps=None, every=None, smoke=args.smoke, device=device
         )
+        command = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        record["suite"] = suite.record(results, specs, vars(args), command, device)
+        git = record["suite"]["git"]
+        commit = (git["commit"] or "unknown")[:10] + (" (uncommitted changes)" if git["dirty"] else "")
         sections += [
             "#### (f) Per-step h0 against the exact same-batch h0 on models wider than digits "
             "(`benchmarks/suite.py`)",
+            f"At commit {commit}.",
             *suite.tables(results, specs, skip=1),
         ]
-        command = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        record["suite"] = suite.record(results, specs, vars(args), command, device)
 
     sections += [
         f"Total wall time of this run: {time.perf_counter() - started:.0f} s." + load_note(load_start),
