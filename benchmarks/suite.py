@@ -278,7 +278,7 @@ class SameBatchReference(Callback):
     ) -> None:
         step = trainer.global_step
         estimates = {label: self._read(label, m, prefix) for label, (m, prefix) in self.monitors.items()}
-        self.computed.append({"step": step, **{label: e for label, e in estimates.items()}})
+        self.computed.append({"step": step, **{label: _cost_fields(e) for label, e in estimates.items()}})
         if step % self.settings.every != 0:
             return
         start = time.perf_counter()
@@ -403,6 +403,12 @@ class SameBatchReference(Callback):
             }
         out["random_hu_over_h0"] = float(torch.linalg.vector_norm(hu)) / abs(h0)
         return out
+
+
+def _cost_fields(estimate: dict[str, Any]) -> dict[str, Any]:
+    """What the per-step cost and warm-up accounting needs of an estimate (the full one is in the records)."""
+    keys = ("fresh", "valid", "h0", "logged_h0", "num_gradients", "converged", "warmup_iterations")
+    return {k: estimate[k] for k in keys if k in estimate}
 
 
 def _top_shares(shares: dict[str, float], n: int = 3) -> dict[str, float]:
@@ -851,9 +857,9 @@ def tables(results: Sequence[CaseResult], specs: Sequence[MonitorSpec], skip: in
 
 
 def strict(value: Any) -> Any:
-    """A JSON-safe copy: NaN/inf → None, tuples → lists, dataclasses → dicts, other keys → str."""
+    """A JSON-safe copy: NaN/inf → None, floats to 7 significant digits, containers → lists and dicts."""
     if isinstance(value, float):
-        return value if math.isfinite(value) else None
+        return float(f"{value:.7g}") if math.isfinite(value) else None
     if isinstance(value, (bool, int, str)) or value is None:
         return value
     if isinstance(value, dict):
