@@ -312,3 +312,24 @@ def test_suite_summary_counts_flags_errors_and_cost():
     s = summarize(result, "m", skip=1)
     assert s["flagged_share"] is None and s["flagged_off_share"] == pytest.approx(0.5)
     assert s["criteria"]["converged"] is None
+
+
+def test_suite_reads_estimates_before_and_after_the_flag_and_a_renamed_count():
+    from types import SimpleNamespace
+
+    from benchmarks.suite import MemoryLogger, SameBatchReference, Settings
+
+    logger = MemoryLogger()
+    old = SimpleNamespace(valid=True, h0=2.0, h0_rayleigh=1.9, h0_residual=0.1, num_gradients=1)
+    new = SimpleNamespace(
+        valid=True, h0=2.0, h0_rayleigh=1.9, h0_residual=0.1, probe_gradients=3, converged=False
+    )
+    monitors = {"old": (SimpleNamespace(latest=old), "a/"), "new": (SimpleNamespace(latest=new), "b/")}
+    settings = Settings(1, torch.float64, frozenset(), frozenset(), frozenset(), 0)
+    reference = SameBatchReference(monitors, logger, None, settings)
+    logger.log_metrics({"a/h0": 2.0, "b/h0": 2.0, "b/h0_converged": 0.0})
+    read = {label: reference._read(label, m, prefix) for label, (m, prefix) in monitors.items()}
+    assert read["old"]["num_gradients"] == 1 and read["old"]["converged"] is None
+    assert read["new"]["num_gradients"] == 3 and read["new"]["converged"] is False
+    assert read["new"]["logged_h0"] == 2.0
+    assert reference._read("old", *monitors["old"]) == {"fresh": False}  # the same estimate again: stale
