@@ -6,11 +6,13 @@ import logging
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import lightning.pytorch as pl
@@ -199,3 +201,24 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def results_block(tag: str, sections: list[str]) -> str:
+    return (
+        f"<!-- BEGIN RESULTS: {tag} -->\n" + "\n\n".join(sections).strip() + f"\n<!-- END RESULTS: {tag} -->"
+    )
+
+
+def write_block(path: Path, tag: str, block: str) -> None:
+    """Replace the results block of ``tag`` in ``path`` (or append it)."""
+    text = path.read_text() if path.exists() else ""
+    pattern = re.compile(
+        rf"^<!-- BEGIN RESULTS: {re.escape(tag)} -->$.*?^<!-- END RESULTS: {re.escape(tag)} -->$",
+        re.DOTALL | re.MULTILINE,
+    )
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)

@@ -5,10 +5,12 @@
         --out benchmarks/README.md                                       # ~10 min on 2 shared cores
     python benchmarks/run.py --device cuda --out benchmarks/README.md    # full GPU run
     python benchmarks/run.py --smoke --out /tmp/bench.md                 # tiny sizes for CI (< 30 s)
+    python benchmarks/run.py --device cpu --only suite --out benchmarks/README.md   # block cpu-suite
 
 With ``--out``, the results replace the block between ``<!-- BEGIN RESULTS: <tag> -->`` and
-``<!-- END RESULTS: <tag> -->`` of that file (tag: ``cpu`` or ``cuda``, ``smoke-…`` in smoke mode) and leave
-the rest of the file alone; a file without that block gets the block appended (a missing file is created).
+``<!-- END RESULTS: <tag> -->`` of that file (tag: ``cpu`` or ``cuda``, ``<device>-suite`` for
+``--only suite``, ``smoke-…`` in smoke mode) and leave the rest of the file alone; a file without that block
+gets the block appended (a missing file is created).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -28,8 +29,14 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks import accuracy, slq, timing  # noqa: E402
-from benchmarks.common import device_description, quiet, resolve_device  # noqa: E402
+from benchmarks import accuracy, slq, suite, timing  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    device_description,
+    quiet,
+    resolve_device,
+    results_block,
+    write_block,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,7 +53,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch intra-op threads (default on CPU: 1, see benchmarks/README.md; on CUDA: torch's default)",
     )
     parser.add_argument(
-        "--only", default="accuracy,timing,slq", help="comma-separated parts to run: accuracy, timing, slq"
+        "--only",
+        default="accuracy,timing,slq",
+        help="comma-separated parts to run: accuracy, timing, slq, suite (the per-step h0 suite of "
+        "benchmarks/suite.py: not in the default, it takes ~15 min on one CPU core)",
+    )
+    parser.add_argument(
+        "--suite-models",
+        default="all",
+        help=f"models of the suite part: all or some of {', '.join(suite.CASES)}",
     )
     parser.add_argument(
         "--models", default="mlp,small_resnet,resnet18", help="comma-separated networks of the timing part"
@@ -59,27 +74,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--accuracy-steps", type=int, help="training steps of each accuracy run")
     parser.add_argument("--accuracy-every", type=int, help="exact reference every this many steps")
     return parser.parse_args(argv)
-
-
-def results_block(tag: str, sections: list[str]) -> str:
-    return (
-        f"<!-- BEGIN RESULTS: {tag} -->\n" + "\n\n".join(sections).strip() + f"\n<!-- END RESULTS: {tag} -->"
-    )
-
-
-def write_block(path: Path, tag: str, block: str) -> None:
-    """Replace the results block of ``tag`` in ``path`` (or append it)."""
-    text = path.read_text() if path.exists() else ""
-    pattern = re.compile(
-        rf"^<!-- BEGIN RESULTS: {re.escape(tag)} -->$.*?^<!-- END RESULTS: {re.escape(tag)} -->$",
-        re.DOTALL | re.MULTILINE,
-    )
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def load_note(start: tuple[float, float, float] | None) -> str:
@@ -101,10 +95,12 @@ def main(argv: list[str] | None = None) -> str:
     if threads is not None:
         torch.set_num_threads(threads)
     parts = {p.strip() for p in args.only.split(",") if p.strip()}
-    unknown = parts - {"accuracy", "timing", "slq"}
+    unknown = parts - {"accuracy", "timing", "slq", "suite"}
     if unknown:
         raise SystemExit(f"--only: unknown parts {sorted(unknown)}")
-    tag = args.tag or ("smoke-" if args.smoke else "") + device.type
+    tag = args.tag or ("smoke-" if args.smoke else "") + device.type + (
+        "-suite" if parts == {"suite"} else ""
+    )
     started = time.perf_counter()
     sections = [
         f"### Results on {device.type.upper()}{' (smoke sizes: not measurements)' if args.smoke else ''}",
@@ -201,6 +197,22 @@ def main(argv: list[str] | None = None) -> str:
                 "points": [vars(p) for p in large.points],
             },
         }
+
+    if "suite" in parts:
+        specs = suite.monitor_specs(suite.SUITE_MONITORS)
+        results = suite.run_suite(
+            suite.select(args.suite_models), specs, steps=None, every=None, smoke=args.smoke, device=device
+        )
+        command = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        record["suite"] = suite.record(results, specs, vars(args), command, device)
+        git = record["suite"]["git"]
+        commit = (git["commit"] or "unknown")[:10] + (" (uncommitted changes)" if git["dirty"] else "")
+        sections += [
+            "#### (f) Per-step h0 against the exact same-batch h0 on models wider than digits "
+            "(`benchmarks/suite.py`)",
+            f"At commit {commit}.",
+            *suite.tables(results, specs, skip=1),
+        ]
 
     sections += [
         f"Total wall time of this run: {time.perf_counter() - started:.0f} s." + load_note(load_start),
