@@ -24,9 +24,10 @@ into it), logging every step, 20 epochs, seed 0. The resolved configuration is s
 The datamodule's ``num_classes`` (when it has one) is passed to ``Classifier(num_classes=...)`` at
 instantiation, so a network whose outputs do not match the data fails with a clear error at the first
 batch instead of training against the wrong number of classes; setting ``model.init_args.num_classes``
-by hand is therefore an error. Input sizes are not linked: the networks
-name them differently (``in_features``, ``in_channels``), so configs state them, and a mismatch raises an
-error naming the expected and the received shape.
+by hand (in a config or on the command line) is therefore an error. The value a ``--ckpt_path``
+checkpoint saved is not hand-set: it is accepted, and replaced by the datamodule's like any other.
+Input sizes are not linked: the networks name them differently (``in_features``, ``in_channels``), so
+configs state them, and a mismatch raises an error naming the expected and the received shape.
 
 Learning rate with :class:`~lightning_chaos.InverseCurvatureLR`: ``Classifier.lr`` is then only the rate
 the optimizer is created with. The callback warms the curvature estimate up at the initial point and
@@ -42,7 +43,7 @@ from typing import NoReturn
 
 from jsonargparse import lazy_instance
 from lightning.pytorch import Callback, LightningDataModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
@@ -156,11 +157,22 @@ class ChaosCLI(LightningCLI):
             "data", "model.init_args.num_classes", compute_fn=_num_classes, apply_on="instantiate"
         )
 
-    def before_instantiate_classes(self) -> None:
-        """Refuse a hand-set ``model.init_args.num_classes``: the link would silently replace it."""
-        given = self._get(self.config, "model.init_args.num_classes")
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse the arguments and refuse a hand-set ``model.init_args.num_classes``.
+
+        The check runs on what the user gave (configs, command line, defaults), before LightningCLI merges
+        the hyper-parameters saved in a ``--ckpt_path`` checkpoint: those include the ``num_classes`` the
+        link set when the checkpoint was trained, and the link sets it again from the datamodule.
+
+        Args:
+            parser: the CLI's parser.
+            args: the arguments, as given to :class:`ChaosCLI`.
+        """
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        given = (self.config[subcommand] if subcommand else self.config).get("model.init_args.num_classes")
         if given is not None:
-            self.parser.error(
+            parser.error(
                 f"model.init_args.num_classes={given!r} cannot be set: it is taken from the datamodule's "
                 "`num_classes` (or, for a datamodule without one, from the network's output width)."
             )

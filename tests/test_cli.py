@@ -181,6 +181,28 @@ def test_num_classes_cannot_be_set_by_hand(capsys):
     assert "num_classes=3 cannot be set: it is taken from the datamodule" in capsys.readouterr().err
 
 
+def test_checkpoint_of_a_fit_validates_tests_and_resumes(tmp_path):
+    """The documented commands with ``--ckpt_path``: the checkpoint's saved ``num_classes`` is accepted."""
+    config = fast([EXAMPLES / "digits_mlp_fixed_lr.yaml"], tmp_path)
+    main(["fit", *config, "--trainer.max_steps", "3", *QUIET])
+    [ckpt] = tmp_path.glob("chaos_logs/digits_mlp_fixed_lr/version_0/checkpoints/*.ckpt")
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["hyper_parameters"]["num_classes"] == 10 and saved["global_step"] == 3
+    for subcommand, logged in [("validate", "val/acc"), ("test", "test/acc")]:
+        cli = ChaosCLI(args=[subcommand, *config, "--ckpt_path", str(ckpt), *QUIET])
+        assert logged in cli.trainer.callback_metrics
+        for name, value in cli.model.state_dict().items():
+            assert torch.equal(value, saved["state_dict"][name]), name  # the checkpoint's weights
+    resumed = ChaosCLI(args=["fit", *config, "--ckpt_path", str(ckpt), "--trainer.max_steps", "5", *QUIET])
+    assert resumed.trainer.global_step == 5
+    steps, _ = read_scalars(resumed.trainer.logger.log_dir)["train/loss_step"]
+    assert steps == [3, 4]  # continued from the checkpoint's step, not from scratch
+    with pytest.raises(SystemExit):  # a hand-set value is still refused, with or without a checkpoint
+        main(["validate", *config, "--ckpt_path", str(ckpt), "--model.init_args.num_classes", "10"])
+    with pytest.raises(ValueError, match=r"expected \(batch, 2\)"):  # the link wins over the checkpoint
+        main(["validate", *config, "--ckpt_path", str(ckpt), "--data.init_args.classes", "[3, 5]", *QUIET])
+
+
 def test_quasi_newton_config_trains_on_digits_and_writes_the_dashboard(tmp_path):
     """No lr given: InverseCurvatureLR sets it from step 0. Loss falls, accuracy far above chance."""
     cli = ChaosCLI(
