@@ -128,6 +128,24 @@ def test_validate_and_test_subcommands_and_the_defaults():
     assert isinstance(cli.datamodule, DigitsDataModule) and cli.model.num_classes == 10
 
 
+@pytest.mark.parametrize(
+    "config",
+    [p for p in CONFIGS if "max_steps" in yaml.safe_load(p.read_text()).get("trainer", {})],
+    ids=lambda p: p.stem,
+)
+def test_a_configs_max_steps_is_not_cut_short_by_an_epoch_limit(config):
+    steps = yaml.safe_load(config.read_text())["trainer"]["max_steps"]
+    cli = ChaosCLI(args=["--config", str(config)], run=False)
+    assert cli.trainer.max_steps == steps and cli.trainer.max_epochs == -1
+
+
+def test_the_default_epoch_limit_applies_only_to_an_otherwise_unlimited_run():
+    assert ChaosCLI(args=[], run=False).trainer.max_epochs == 20  # `lightning-chaos fit` alone is finite
+    assert ChaosCLI(args=["--trainer.max_time", "00:00:01:00"], run=False).trainer.max_epochs == -1
+    both = ChaosCLI(args=["--trainer.max_steps", "600", "--trainer.max_epochs", "3"], run=False).trainer
+    assert (both.max_steps, both.max_epochs) == (600, 3)  # what the user set is kept
+
+
 def test_print_config_round_trips(tmp_path, capsys):
     config = EXAMPLES / "digits_mlp_quasi_newton.yaml"
     with pytest.raises(SystemExit) as exit_info:
