@@ -18,6 +18,7 @@ from helpers import charts, layouts, matching
 
 from lightning_chaos import HessianEigenvalueMonitor, InverseCurvatureLR
 from lightning_chaos.cli import ChaosCLI, main
+from lightning_chaos.dashboards import EIGENVALUES, INVERSE_CURVATURE, LAMBDA, LOSS, PROBE
 from lightning_chaos.data import DigitsDataModule
 from lightning_chaos.plot import read_scalars
 
@@ -253,10 +254,11 @@ def test_quasi_newton_config_trains_on_digits_and_writes_the_dashboard(tmp_path)
     [layout] = layouts(logdir)  # the dashboard, from the event files
     written = charts(layout)
     tags = set(series)
-    assert {"train/loss_step", "train/loss_epoch", "val/loss"} <= matching(written["loss"], tags)
-    figure_1 = matching(written["lambda, 1/h0 and lr (Fig. 1)"], tags)
-    assert figure_1 == {"chaos/lyapunov_exponent", "chaos/inv_h0", "chaos/lr"}
-    assert {"chaos/h0", "chaos/h0_rayleigh", "chaos/h0_ema"} <= matching(written["eigenvalues"], tags)
+    assert {"train/loss_step", "train/loss_epoch", "val/loss"} <= matching(written["training"][LOSS], tags)
+    curvature = written["lightning_chaos: chaos/"]  # the charts of the monitor InverseCurvatureLR owns
+    assert list(curvature) == [LAMBDA, INVERSE_CURVATURE, EIGENVALUES, PROBE]
+    assert matching(curvature[INVERSE_CURVATURE], tags) == {"chaos/inv_h0", "chaos/beta", "chaos/lr"}
+    assert {"chaos/h0", "chaos/h0_rayleigh", "chaos/h0_ema"} <= matching(curvature[EIGENVALUES], tags)
     owned = cli.trainer.callbacks[[type(c) for c in cli.trainer.callbacks].index(InverseCurvatureLR)]
     assert isinstance(owned.monitor, HessianEigenvalueMonitor) and owned.monitor.warmup_iterations > 0
     assert torch.isfinite(torch.tensor(series["chaos/inv_h0"][1])).all()
