@@ -4,6 +4,7 @@ import torch
 from helpers import TinyModule, charts, layouts, loader, matching, trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.tensorboard import SummaryWriter
 
 from lightning_chaos import (
     CGD,
@@ -13,9 +14,9 @@ from lightning_chaos import (
     LyapunovSpectrumMonitor,
     TangentMapMonitor,
     TrajectoryDivergence,
+    plot,
 )
 from lightning_chaos import dashboards as d
-from lightning_chaos.plot import main as plot_main
 from lightning_chaos.plot import read_scalars
 
 
@@ -45,7 +46,11 @@ RUNS = {
         TinyModule,
         {"chaos/": [d.DIVERGENCE, d.DIVERGENCE_FIT]},
     ),
-    "cgd": (lambda: [CGDCurvature()], CGDModule, {"chaos/": [d.CGD_REMOVED, d.CGD_RATIO]}),
+    "cgd": (
+        lambda: [CGDCurvature(), LearningRateMonitor()],
+        CGDModule,
+        {"chaos/": [d.CGD_REMOVED, d.CGD_RATIO]},
+    ),
     "prefixes": (
         lambda: [
             LyapunovSpectrumMonitor(every_n_steps=2, overlaps=False),
@@ -115,13 +120,78 @@ def test_layout_without_a_cgd_optimizer_has_no_cgd_chart():
     assert list(d.chaos_layout(monitors)["lightning_chaos: chaos/"]) == RUNS["curvature"][2]["chaos/"]
 
 
-def test_plot_command_writes_the_figures(tmp_path):
-    pl.seed_everything(0, verbose=False)
-    logger = TensorBoardLogger(tmp_path, name="run", version=0)
-    trainer([HessianEigenvalueMonitor(warmup_iters=3), LearningRateMonitor()], logger=logger).fit(
-        TinyModule(), loader()
-    )
-    logdir = tmp_path / "run" / "version_0"
-    written = plot_main([str(logdir), "--out", str(tmp_path / "figs")])
-    assert [p.name for p in written] == ["curvature.png", "loss.png"]
+# kind of run: {figure: the y labels of its axes}
+FIGURES = {
+    "curvature": {"curvature": ["λ, 1/h0, learning rate"], "loss": ["loss"]},
+    "spectrum": {
+        "loss": ["loss"],
+        "counts": ["eigenvalues (count)"] * 2,
+        "exponents": ["local Lyapunov exponent", "finite-time Lyapunov exponent"],
+    },
+    "divergence": {"loss": ["loss"], "divergence": ["‖θ_twin − θ‖"]},
+    "cgd": {"loss": ["loss"], "cgd": ["directions removed", "share of the update kept ‖PΔθ‖/‖Δθ‖"]},
+}
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The matplotlib figures the plot command closes after writing them, in that order."""
+    close, closed = plot.plt.close, []
+    monkeypatch.setattr(plot.plt, "close", closed.append)
+    yield closed
+    for fig in closed:
+        close(fig)
+
+
+@pytest.mark.parametrize("kind", FIGURES)
+def test_plot_command_writes_a_labelled_figure_for_each_logged_group(
+    kind, logdirs, tmp_path, figures, capsys
+):
+    written = plot.main([str(logdirs[kind]), "--out", str(tmp_path)])
+    expected = FIGURES[kind]
+    assert [p.stem for p in written] == list(expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)
     assert all(p.stat().st_size > 10_000 for p in written)
+    for fig, ylabels in zip(figures, expected.values(), strict=True):
+        assert [ax.get_ylabel() for ax in fig.axes] == ylabels
+        assert fig.axes[-1].get_xlabel() == "step"
+        assert all(ax.get_lines() and ax.get_legend() for ax in fig.axes)  # every axis shows a series
+    out = capsys.readouterr().out
+    for name in ("curvature", "counts", "exponents", "divergence", "cgd"):
+        assert (f"{name} (" in out) == (name not in expected), out  # the groups it found nothing for
+
+
+def test_plot_shows_what_each_group_logged(logdirs, tmp_path, figures):
+    plot.main([str(logdirs["divergence"]), "--out", str(tmp_path)])
+    [ax] = figures[-1].axes
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert labels == [
+        "twin: chaotic",
+        "twin: random",
+        "random-walk bound √(2 Σ‖Δθ_t‖²)",
+        "distance of two initialisations (analytic)",
+        "distance of two initialisations (sampled)",
+    ]
+    plot.main([str(logdirs["prefixes"]), "--out", str(tmp_path), "--prefix", "b/"])  # SLQ counts
+    counts = [fig for fig in figures if fig.axes[0].get_title() == "chaotic, edge and stable directions"]
+    assert all(len(ax.collections) == 3 for ax in counts[-1].axes)  # a bracket band per count
+    plot.main([str(logdirs["curvature"]), "--out", str(tmp_path)])
+    curvature = figures[-2].axes[0]
+    assert curvature.get_yscale() == "log"
+    assert [line.get_label() for line in curvature.get_lines()] == [
+        "Lyapunov exponent λ",
+        "inverse curvature 1/h0",
+        "learning rate (chaos/lr)",
+        "lr/2 (edge of stability)",
+    ]
+
+
+def test_plot_of_a_run_without_chaos_series_writes_only_what_exists(tmp_path, capsys):
+    with SummaryWriter(tmp_path / "run") as writer:
+        for step in range(3):
+            writer.add_scalar("other/metric", 1.0, step)
+    assert plot.main([str(tmp_path / "run")]) == []
+    out = capsys.readouterr().out
+    assert "Nothing logged in" in out and "curvature (chaos/lyapunov_exponent, chaos/inv_h0)" in out
+    assert "loss (train/loss, val/loss)" in out and "cgd (" in out
+    assert not list((tmp_path / "run").glob("*.png"))
