@@ -1,20 +1,24 @@
-"""Reproduce seed 001's CGD pruning (B.1) and perturbed-twin divergence (A.8-A.10, C.3) on digits.
+"""Reproduce the NeurIPS 2022 paper's CGD pruning and perturbed-twin divergence on the embedded digits.
+
+The paper is "Chaotic Dynamics are Intrinsic to Neural Network Training with SGD" (Herrmann, Granz and
+Landgraf, NeurIPS 2022); section, figure and theorem numbers below are those of its appendix: pruning in
+Section B.1, divergence in Theorems A.8-A.10 and Section C.3.
 
 A ReLU MLP 64-12-10 (910 parameters: small enough for the exact Hessian eigendecomposition at every
 step on a CPU) is trained on scikit-learn's 8×8 digits, batch 64, seed 0. Three parts, each under about
 ten minutes on two CPU cores; each writes a JSON summary and PNGs to ``--out`` (default
 ``examples/figures``)::
 
-    python examples/reproduce_cgd_divergence.py pruning --lr 0.5 --momentum 0.0     # seed B.1.4 setting
-    python examples/reproduce_cgd_divergence.py pruning --lr 0.1 --momentum 0.9     # seed B.1.1/B.1.2 setting
+    python examples/reproduce_cgd_divergence.py pruning --lr 0.5 --momentum 0.0     # Figure B.1.4 setting
+    python examples/reproduce_cgd_divergence.py pruning --lr 0.1 --momentum 0.9     # Figures B.1.1/B.1.2
     python examples/reproduce_cgd_divergence.py divergence
 
 ``pruning``: plain SGD against CGD with each strategy (``chaotic``, ``negative``, ``positive`` = beyond the
 stability edge, ``positive_curvature`` = every positive eigenvalue): training loss and accuracy per
 step, validation accuracy per epoch, directions removed per step, exact spectral counts per step.
-``divergence``: A.8 init-distance baselines (analytic and sampled, for the seed's 784-20-10 MLP and this
-one), twins perturbed by ε = 0.1 along the five directions under plain SGD, and a random twin under each
-CGD strategy. The write-up is ``examples/cgd_divergence.md``.
+``divergence``: Theorem A.8's init-distance baselines (analytic and sampled, for the paper's 784-20-10 MLP
+and this one), twins perturbed by ε = 0.1 along the five directions under plain SGD, and a random twin
+under each CGD strategy. The write-up is ``examples/cgd_divergence.md``.
 """
 
 from __future__ import annotations
@@ -165,7 +169,7 @@ def series(metrics: dict[int, float]) -> tuple[list[int], list[float]]:
 
 
 def smooth(values: list[float], window: int = 10) -> list[float]:
-    """Trailing moving average (the seed smooths with a window of 50 over much longer runs)."""
+    """Trailing moving average (the paper smooths with a window of 50 over much longer runs)."""
     out = []
     for i in range(len(values)):
         chunk = [v for v in values[max(0, i - window + 1) : i + 1] if math.isfinite(v)]

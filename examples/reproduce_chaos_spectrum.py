@@ -1,21 +1,26 @@
-"""Reproduce the local-chaos measurements of seed 001 (appendix B.2, C.1, C.2) on the embedded 8×8 digits.
+"""Reproduce the NeurIPS 2022 paper's local-chaos measurements on the embedded 8×8 digits.
+
+The paper is "Chaotic Dynamics are Intrinsic to Neural Network Training with SGD" (Herrmann, Granz and
+Landgraf, NeurIPS 2022); the figure, section and theorem numbers below are those of its appendix
+(Sections B.2, C.1 and C.2).
 
 Five runs with plain SGD (one with momentum), batch 64, each watched by
 
-* ``LyapunovSpectrumMonitor`` (exact Hessian spectrum of the step's batch every ``--every`` steps): counts
-  of positive / negative / chaotic / edge eigenvalues (B.2.1, B.2.2, C.1.2), local Lyapunov exponents,
-  gradient overlaps with the eigenspaces (B.2.3, B.2.4), and the A.11 overlap of the chaotic subspace with
-  that of step 10 (C.2, ``chaos/``) and of the middle of training (``late/``, a second monitor that reuses
-  the same per-step eigendecomposition);
+* ``LyapunovSpectrumMonitor`` (exact Hessian spectrum of the step's batch every ``--every`` steps):
+  counts of positive / negative / chaotic / edge eigenvalues (Figures B.2.1, B.2.2, C.1.2), local
+  Lyapunov exponents, gradient overlaps with the eigenspaces (Figures B.2.3, B.2.4), and the Theorem A.11
+  overlap of the chaotic subspace with that of step 10 (Section C.2, ``chaos/``) and of the middle of
+  training (``late/``, a second monitor that reuses the same per-step eigendecomposition);
 * ``TangentMapMonitor`` (every step): finite-time Lyapunov exponents of the accumulated tangent map
-  (C.1.1), the mLCE and its A.6 bound. The small ReLU MLP (N = 610) accumulates the full map, so its
-  smallest exponent is available too; the others follow 10 directions.
+  (Figure C.1.1), the mLCE and its Theorem A.6 bound. The small ReLU MLP (N = 610) accumulates the full
+  map, so its smallest exponent is available too; the others follow 10 directions.
 
 The paper used USPS/FashionMNIST (``examples/usps_*.yaml``, ``examples/fashionmnist_*.yaml`` run the same
 monitors there for users who can download); the networks here are sized so that every spectrum is exact
 on a CPU (N = 610–1,210). Writes TensorBoard logs under ``--out``, and four PNGs and a JSON summary of
 the numbers quoted in ``examples/lyapunov_spectrum.md`` under ``--figures``. The summary includes a
-control for C.2: the overlap of the chaotic subspaces of different batches at the same final parameters.
+control for Section C.2: the overlap of the chaotic subspaces of different batches at the same final
+parameters.
 
     python examples/reproduce_chaos_spectrum.py [--steps 600] [--every 10] [--runs mlp_relu,cnn]
 
@@ -118,10 +123,10 @@ def train(name: str, run: Run, steps: int, every: int, out: Path) -> Path:
 
 
 def batch_noise_overlap(run: Run, logdir: Path, num_batches: int = 4) -> tuple[float, float]:
-    """Mean A.11 overlap of the chaotic subspaces of different batches at the same (final) parameters.
+    """Mean Theorem A.11 overlap of the chaotic subspaces of different batches at the same (final) parameters.
 
-    The control for C.2: how much of the drop of ``chaotic_overlap`` comes from the batch changing rather
-    than from the parameters moving. Returns the mean pairwise overlap and its random baseline.
+    The control for Section C.2: how much of the drop of ``chaotic_overlap`` comes from the batch changing
+    rather than from the parameters moving. Returns the mean pairwise overlap and its random baseline.
     """
     net = run.net()
     net.load_state_dict(torch.load(logdir / "final_net.pt"))
@@ -192,7 +197,7 @@ def summarise(series: dict, n: int) -> dict[str, float]:
 
 
 def plot_all(results: dict[str, dict], figures: Path, every: int) -> list[Path]:
-    """Four figures in the layout of the paper's B.2 / C.1 / C.2 panels, one line per run."""
+    """Four figures in the layout of the paper's appendix B.2 / C.1 / C.2 panels, one line per run."""
     figures.mkdir(parents=True, exist_ok=True)
     colors = dict(zip(results, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     written = []

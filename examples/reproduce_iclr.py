@@ -1,4 +1,6 @@
-"""Reproduce Figures 1 and 2 of the ICLR submission on the embedded digits, and the quasi-Newton comparison.
+"""Reproduce Figures 1–2 of the ICLR 2021 submission on the embedded digits, and the quasi-Newton comparison.
+
+The submission is "A Chaos Theory Approach to Understand Neural Network Optimization" (ICLR 2021).
 
     python examples/reproduce_iclr.py [--out chaos_logs/iclr] [--seeds 0 1 2] [--epochs 30]
 

@@ -18,15 +18,17 @@ class path (short names work for classes already imported, e.g. ``MLP``, ``Digit
 Defaults (all overridable): the embedded digits (``DigitsDataModule``) and a ``Classifier`` with the
 default 64-64-64-10 ReLU ``MLP``, so ``lightning-chaos fit`` alone trains something in seconds on a CPU; a
 ``TensorBoardLogger`` under ``chaos_logs/`` (the chaos callbacks write their custom-scalars dashboard
-into it), logging every step, 20 epochs, seed 0. The resolved configuration is saved next to the logs
-(``config.yaml``, overwritten on reruns).
+into it), logging every step, seed 0, and 20 epochs for a run that sets none of ``max_epochs``,
+``max_steps`` and ``max_time`` (a config's ``max_steps`` or ``max_time`` alone is what stops its run). The
+resolved configuration is saved next to the logs (``config.yaml``, overwritten on reruns).
 
 The datamodule's ``num_classes`` (when it has one) is passed to ``Classifier(num_classes=...)`` at
 instantiation, so a network whose outputs do not match the data fails with a clear error at the first
 batch instead of training against the wrong number of classes; setting ``model.init_args.num_classes``
-by hand is therefore an error. Input sizes are not linked: the networks
-name them differently (``in_features``, ``in_channels``), so configs state them, and a mismatch raises an
-error naming the expected and the received shape.
+by hand (in a config or on the command line) is therefore an error. The value a ``--ckpt_path``
+checkpoint saved is not hand-set: it is accepted, and replaced by the datamodule's like any other.
+Input sizes are not linked: the networks name them differently (``in_features``, ``in_channels``), so
+configs state them, and a mismatch raises an error naming the expected and the received shape.
 
 Learning rate with :class:`~lightning_chaos.InverseCurvatureLR`: ``Classifier.lr`` is then only the rate
 the optimizer is created with. The callback warms the curvature estimate up at the initial point and
@@ -42,7 +44,7 @@ from typing import NoReturn
 
 from jsonargparse import lazy_instance
 from lightning.pytorch import Callback, LightningDataModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
@@ -51,6 +53,7 @@ from lightning_chaos import data, models
 from lightning_chaos.models import Classifier
 
 DEFAULT_LOG_DIR = "chaos_logs"
+DEFAULT_MAX_EPOCHS = 20
 DESCRIPTION = (
     "Train, validate or test lightning_chaos models from YAML configs (see examples/); "
     "model, data and callbacks are chosen by class path."
@@ -132,7 +135,6 @@ class ChaosCLI(LightningCLI):
             trainer_defaults={
                 "logger": lazy_instance(TensorBoardLogger, save_dir=DEFAULT_LOG_DIR),
                 "log_every_n_steps": 1,
-                "max_epochs": 20,
             },
             seed_everything_default=0,
             parser_class=ChaosArgumentParser,
@@ -156,14 +158,36 @@ class ChaosCLI(LightningCLI):
             "data", "model.init_args.num_classes", compute_fn=_num_classes, apply_on="instantiate"
         )
 
-    def before_instantiate_classes(self) -> None:
-        """Refuse a hand-set ``model.init_args.num_classes``: the link would silently replace it."""
-        given = self._get(self.config, "model.init_args.num_classes")
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse the arguments and refuse a hand-set ``model.init_args.num_classes``.
+
+        The check runs on what the user gave (configs, command line, defaults), before LightningCLI merges
+        the hyper-parameters saved in a ``--ckpt_path`` checkpoint: those include the ``num_classes`` the
+        link set when the checkpoint was trained, and the link sets it again from the datamodule.
+
+        Args:
+            parser: the CLI's parser.
+            args: the arguments, as given to :class:`ChaosCLI`.
+        """
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        given = (self.config[subcommand] if subcommand else self.config).get("model.init_args.num_classes")
         if given is not None:
-            self.parser.error(
+            parser.error(
                 f"model.init_args.num_classes={given!r} cannot be set: it is taken from the datamodule's "
                 "`num_classes` (or, for a datamodule without one, from the network's output width)."
             )
+
+    def before_instantiate_classes(self) -> None:
+        """Limit a run that nothing else limits to :data:`DEFAULT_MAX_EPOCHS` epochs.
+
+        A run with ``max_steps`` or ``max_time`` and no ``max_epochs`` gets ``max_epochs=-1``, as Lightning
+        would, so that its own limit is what stops it; an explicit ``max_epochs`` is kept.
+        """
+        trainer = self._get(self.config, "trainer")
+        if trainer.max_epochs is None:
+            unbounded = trainer.max_steps == -1 and trainer.max_time is None
+            trainer.max_epochs = DEFAULT_MAX_EPOCHS if unbounded else -1
 
 
 def _num_classes(datamodule: LightningDataModule | None) -> int | None:

@@ -105,8 +105,8 @@ def layouts(logdir):
 
 
 def charts(layout):
-    """``{chart title: [tag regexes]}`` of a custom-scalars layout."""
-    return {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    """``{category title: {chart title: [tag regexes]}}`` of a custom-scalars layout."""
+    return {cat.title: {c.title: list(c.multiline.tag) for c in cat.chart} for cat in layout.category}
 
 
 def matching(regexes, tags):

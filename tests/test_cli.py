@@ -18,6 +18,7 @@ from helpers import charts, layouts, matching
 
 from lightning_chaos import HessianEigenvalueMonitor, InverseCurvatureLR
 from lightning_chaos.cli import ChaosCLI, main
+from lightning_chaos.dashboards import EIGENVALUES, INVERSE_CURVATURE, LAMBDA, LOSS, PROBE
 from lightning_chaos.data import DigitsDataModule
 from lightning_chaos.plot import read_scalars
 
@@ -128,6 +129,24 @@ def test_validate_and_test_subcommands_and_the_defaults():
     assert isinstance(cli.datamodule, DigitsDataModule) and cli.model.num_classes == 10
 
 
+@pytest.mark.parametrize(
+    "config",
+    [p for p in CONFIGS if "max_steps" in yaml.safe_load(p.read_text()).get("trainer", {})],
+    ids=lambda p: p.stem,
+)
+def test_a_configs_max_steps_is_not_cut_short_by_an_epoch_limit(config):
+    steps = yaml.safe_load(config.read_text())["trainer"]["max_steps"]
+    cli = ChaosCLI(args=["--config", str(config)], run=False)
+    assert cli.trainer.max_steps == steps and cli.trainer.max_epochs == -1
+
+
+def test_the_default_epoch_limit_applies_only_to_an_otherwise_unlimited_run():
+    assert ChaosCLI(args=[], run=False).trainer.max_epochs == 20  # `lightning-chaos fit` alone is finite
+    assert ChaosCLI(args=["--trainer.max_time", "00:00:01:00"], run=False).trainer.max_epochs == -1
+    both = ChaosCLI(args=["--trainer.max_steps", "600", "--trainer.max_epochs", "3"], run=False).trainer
+    assert (both.max_steps, both.max_epochs) == (600, 3)  # what the user set is kept
+
+
 def test_print_config_round_trips(tmp_path, capsys):
     config = EXAMPLES / "digits_mlp_quasi_newton.yaml"
     with pytest.raises(SystemExit) as exit_info:
@@ -181,6 +200,28 @@ def test_num_classes_cannot_be_set_by_hand(capsys):
     assert "num_classes=3 cannot be set: it is taken from the datamodule" in capsys.readouterr().err
 
 
+def test_checkpoint_of_a_fit_validates_tests_and_resumes(tmp_path):
+    """The documented commands with ``--ckpt_path``: the checkpoint's saved ``num_classes`` is accepted."""
+    config = fast([EXAMPLES / "digits_mlp_fixed_lr.yaml"], tmp_path)
+    main(["fit", *config, "--trainer.max_steps", "3", *QUIET])
+    [ckpt] = tmp_path.glob("chaos_logs/digits_mlp_fixed_lr/version_0/checkpoints/*.ckpt")
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["hyper_parameters"]["num_classes"] == 10 and saved["global_step"] == 3
+    for subcommand, logged in [("validate", "val/acc"), ("test", "test/acc")]:
+        cli = ChaosCLI(args=[subcommand, *config, "--ckpt_path", str(ckpt), *QUIET])
+        assert logged in cli.trainer.callback_metrics
+        for name, value in cli.model.state_dict().items():
+            assert torch.equal(value, saved["state_dict"][name]), name  # the checkpoint's weights
+    resumed = ChaosCLI(args=["fit", *config, "--ckpt_path", str(ckpt), "--trainer.max_steps", "5", *QUIET])
+    assert resumed.trainer.global_step == 5
+    steps, _ = read_scalars(resumed.trainer.logger.log_dir)["train/loss_step"]
+    assert steps == [3, 4]  # continued from the checkpoint's step, not from scratch
+    with pytest.raises(SystemExit):  # a hand-set value is still refused, with or without a checkpoint
+        main(["validate", *config, "--ckpt_path", str(ckpt), "--model.init_args.num_classes", "10"])
+    with pytest.raises(ValueError, match=r"expected \(batch, 2\)"):  # the link wins over the checkpoint
+        main(["validate", *config, "--ckpt_path", str(ckpt), "--data.init_args.classes", "[3, 5]", *QUIET])
+
+
 def test_quasi_newton_config_trains_on_digits_and_writes_the_dashboard(tmp_path):
     """No lr given: InverseCurvatureLR sets it from step 0. Loss falls, accuracy far above chance."""
     cli = ChaosCLI(
@@ -213,10 +254,11 @@ def test_quasi_newton_config_trains_on_digits_and_writes_the_dashboard(tmp_path)
     [layout] = layouts(logdir)  # the dashboard, from the event files
     written = charts(layout)
     tags = set(series)
-    assert {"train/loss_step", "train/loss_epoch", "val/loss"} <= matching(written["loss"], tags)
-    figure_1 = matching(written["lambda, 1/h0 and lr (Fig. 1)"], tags)
-    assert figure_1 == {"chaos/lyapunov_exponent", "chaos/inv_h0", "chaos/lr"}
-    assert {"chaos/h0", "chaos/h0_rayleigh", "chaos/h0_ema"} <= matching(written["eigenvalues"], tags)
+    assert {"train/loss_step", "train/loss_epoch", "val/loss"} <= matching(written["training"][LOSS], tags)
+    curvature = written["lightning_chaos: chaos/"]  # the charts of the monitor InverseCurvatureLR owns
+    assert list(curvature) == [LAMBDA, INVERSE_CURVATURE, EIGENVALUES, PROBE]
+    assert matching(curvature[INVERSE_CURVATURE], tags) == {"chaos/inv_h0", "chaos/beta", "chaos/lr"}
+    assert {"chaos/h0", "chaos/h0_rayleigh", "chaos/h0_ema"} <= matching(curvature[EIGENVALUES], tags)
     owned = cli.trainer.callbacks[[type(c) for c in cli.trainer.callbacks].index(InverseCurvatureLR)]
     assert isinstance(owned.monitor, HessianEigenvalueMonitor) and owned.monitor.warmup_iterations > 0
     assert torch.isfinite(torch.tensor(series["chaos/inv_h0"][1])).all()
