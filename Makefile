@@ -4,9 +4,14 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# What `make test` runs, in this order; every check runs even when an earlier one fails.
+CHECKS := ruff-check format-check typecheck pytest
+SOURCES := lightning_chaos tests examples benchmarks
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint $(CHECKS) bench clean
 
+# One environment for every target: the package in editable mode with all its features (`all`, in
+# `dev`) and the test and lint tools (`dev`).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -19,16 +24,32 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
+# CI's test command (.ci/run). Runs every check, then fails if any failed and names them.
 test: $(STAMP)
-	$(BIN)/ruff check lightning_chaos tests examples benchmarks
-	$(BIN)/python -m pytest -q
+	@failed=""; \
+	for check in $(CHECKS); do \
+		echo "== make $$check"; \
+		$(MAKE) --no-print-directory $$check || failed="$$failed $$check"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "make test: FAILED:$$failed"; exit 1; fi; \
+	echo "make test: all checks passed ($(CHECKS))"
 
-lint: $(STAMP)
-	$(BIN)/ruff check lightning_chaos tests examples benchmarks
-	$(BIN)/ruff format --check lightning_chaos tests examples benchmarks
+lint: ruff-check format-check
+
+ruff-check: $(STAMP)
+	$(BIN)/ruff check $(SOURCES)
+
+format-check: $(STAMP)
+	$(BIN)/ruff format --check $(SOURCES)
+
+typecheck: $(STAMP)
+	$(BIN)/mypy lightning_chaos
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) lightning_logs chaos_logs .pytest_cache
+	rm -rf $(VENV) lightning_logs chaos_logs .pytest_cache .mypy_cache
