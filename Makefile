@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CHECKS := ruff-check format-check typecheck docs pytest
 SOURCES := lightning_chaos tests examples benchmarks docs
 
-.PHONY: setup demo test lint $(CHECKS) bench clean
+.PHONY: setup demo test lint $(CHECKS) package bench clean
 
 # One environment for every target: the package in editable mode with all its features (`all`, in
 # `dev`), the test and lint tools (`dev`) and the docs tools (`docs`).
@@ -55,8 +55,12 @@ docs: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# sdist + wheel into dist/, then the wheel installed into a clean virtual environment and imported there.
+package: $(STAMP)
+	bash .ci/package $(BIN)/python
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) lightning_logs chaos_logs .pytest_cache .mypy_cache docs/_build docs/api
+	rm -rf $(VENV) lightning_logs chaos_logs .pytest_cache .mypy_cache build dist lightning_chaos.egg-info docs/_build docs/api
