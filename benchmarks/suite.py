@@ -89,8 +89,8 @@ CRITERIA = {
 SUITE_MONITORS: list[dict[str, Any]] = [{}, {"n_iter": 4}, {"delta_q": 1e-3}]
 """The monitors of ``benchmarks/run.py --only suite``: the defaults and two variants."""
 
-GRADIENT_NAMES = ("num_gradients", "probe_gradients", "num_products", "gradients")
-"""Attribute names under which an estimate may carry the gradients it spent (first found wins)."""
+GRADIENT_NAMES = ("cost", "num_gradients", "probe_gradients", "num_products", "gradients")
+"""Attribute names under which an estimate may carry its cost in gradient-equivalents (first found wins)."""
 
 
 # ------------------------------------------------------------------------------------ monitor specs
@@ -259,7 +259,7 @@ class SameBatchReference(Callback):
             converged = get("h0_converged") >= 0.5
         gradients = _first_attr(latest, GRADIENT_NAMES)
         if gradients is None:
-            gradients = get("probe_gradients")
+            gradients = get("probe_cost") if get("probe_cost") is not None else get("probe_gradients")
         return {
             "fresh": True,
             "valid": bool(getattr(latest, "valid", True)),

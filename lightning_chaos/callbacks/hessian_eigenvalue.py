@@ -29,18 +29,25 @@ class HessianEigenvalueMonitor(ProbeCallback):
     Approach to Understand Neural Network Optimization" (ICLR 2021 submission), warm-started from the
     previous step's direction and accelerated by Rayleigh–Ritz on the Krylov space its iterates span
     (:mod:`lightning_chaos.core.controlled_lyapunov`): it stops as soon as the relative Ritz residual is
-    below ``tol``, after at most ``n_iter`` Hessian products. The first computed step runs a warm-up
+    below ``tol``, after at most ``n_iter`` Hessian products, and spends ``budget`` gradient-equivalents
+    per computed step on average (a step may use what earlier, quickly converged steps saved). When the
+    batches' top eigenvectors persist (consecutive steps share them) one product per step mostly
+    suffices; when they do not, each step needs a Krylov solve of its own and the budget decides how many
+    steps converge: ``chaos/h0_converged`` says which. The first computed step runs a warm-up
     instead (up to ``warmup_iters`` products from a random direction), because a random direction needs
     tens of products to align with the top eigenvector; so does the first step after a lost direction.
 
-    Products: by default (``products="auto"``) finite differences ``(g(θ + Δq u) − g(θ))/Δq``, one
-    gradient each, with Δq chosen along the top direction against one exact Hessian-vector product so
-    that their relative error stays below ``delta_q_tol``, and re-checked every ``check_every`` computed
-    steps; the warm-up runs on exact products. Where no Δq meets the tolerance (rounding in float32 below,
-    nonlinearity above, as on attention layers) the products are exact until the next check. A model with
-    no second derivatives (e.g. a custom ``autograd.Function``) keeps finite differences at ``delta_q``,
-    unchecked (warned once). ``products="finite_difference"`` with ``n_iter=1`` is the paper's method: one
-    gradient per step at a fixed Δq. Measured accuracy and cost of each mode: ``benchmarks/README.md``.
+    Products: by default (``products="auto"``) the warm-up runs on exact Hessian-vector products and then
+    compares finite differences ``(g(θ + Δq u) − g(θ))/Δq`` (one gradient each) with exact products
+    along its top direction and a random one. Where some Δq keeps their error below ``delta_q_tol`` (in
+    units of h0) the steps use finite differences at it, re-checked every ``check_every`` computed steps;
+    otherwise — ReLU, max-pool and BatchNorm kinks crossed within Δq, attention softmax saturating,
+    float32 rounding below — they use exact products (double backward, counted as
+    :data:`~lightning_chaos.core.controlled_lyapunov.HVP_COST` gradients each) until a check passes. A
+    model with no second derivatives (e.g. a custom ``autograd.Function``) keeps finite differences at
+    ``delta_q``, unchecked (warned once). ``products="finite_difference"`` with ``n_iter=1`` is the paper's
+    method: one gradient per step at a fixed Δq. Measured accuracy and cost of each mode:
+    ``benchmarks/README.md``.
 
     Logged per computed step to every logger of the trainer, at Lightning's logging step, under
     ``log_prefix``, and put in ``trainer.callback_metrics``:
@@ -55,7 +62,8 @@ class HessianEigenvalueMonitor(ProbeCallback):
     - ``lyapunov_exponent`` (λ, controlled to ≈ 1), ``beta`` (β), ``inv_h0`` (``1/h0``),
       ``lyapunov_fluctuation`` (recent mean ``|λ − 1|``);
     - ``probe_gradients``: gradients spent on this step (finite differences, ``g(θ)`` when not reused,
-      Δq checks, warm-up); ``probe_hvps``: exact Hessian-vector products spent on it;
+      Δq checks, warm-up); ``probe_hvps``: exact Hessian-vector products spent on it; ``probe_cost``:
+      both in gradient-equivalents, with the step's gradient graph (what ``budget`` limits);
     - ``delta_q``: the finite-difference separation used (not logged for exact products);
       ``delta_q_error``: the measured relative error of a finite difference at it (check steps only);
     - ``h_top{i}`` for ``i < top_k`` (Ritz values, descending); ``h_min`` with ``most_negative=True``;
@@ -64,8 +72,8 @@ class HessianEigenvalueMonitor(ProbeCallback):
     - ``warmup_iters``: the products of the warm-up, at the step it ran.
 
     It warns once per run when more than a quarter of the computed steps did not converge (raise
-    ``n_iter``, or accept the flag), when Δq had to shrink or finite differences were abandoned, and when
-    the model has no second derivatives.
+    ``budget`` and ``n_iter``, or read h0 where it converged), when Δq had to shrink or finite differences
+    were abandoned, and when the model has no second derivatives.
 
     The loss probed is ``pl_module.curvature_loss(batch)`` when the module defines it (it must return the
     same scalar loss that ``training_step`` optimises, without logging), otherwise
@@ -79,9 +87,11 @@ class HessianEigenvalueMonitor(ProbeCallback):
     Args:
         every_n_steps: compute on optimizer steps whose ``global_step`` is a multiple of this; the
             direction, β and Δq carry over unchanged across the steps in between.
-        n_iter: Hessian products per computed step at most (``top_k`` count as the first; 1: the paper's
-            one product per step, no adaptive extension).
+        n_iter: Hessian products per computed step at most, per end of the spectrum (beyond the warm
+            directions; 1: the paper's one product per step, no adaptive extension).
         tol: convergence tolerance on the relative Ritz residual ``‖Hx − ρx‖ / |ρ|``.
+        budget: mean gradient-equivalents per computed step after the warm-up (``math.inf``: only
+            ``n_iter`` bounds a step).
         top_k: number of top eigenvalues (block iteration with Rayleigh–Ritz).
         most_negative: also estimate the most negative eigenvalue (the same iteration on ``−H``; up to
             ``n_iter`` more products).
@@ -92,6 +102,8 @@ class HessianEigenvalueMonitor(ProbeCallback):
         check_every: computed steps between Δq checks (``"auto"``).
         warmup_iters: products of the warm-up at most (0 disables it).
         warmup_tol: convergence tolerance of the warm-up.
+        block: warm directions carried between steps (default ``top_k``; one more carries the top
+            residual, i.e. a Lanczos step of the previous batch, at one more product per step).
         probe_fraction: share of the batch the probe uses, in ``(0, 1]``; below 1 the gradient at θ is
             recomputed on that share (cheaper products, noisier estimate of the full-batch Hessian).
         reuse_gradient: use the training gradient ``p.grad`` as ``g(θ)`` when it is exactly that
@@ -268,9 +280,11 @@ class HessianEigenvalueMonitor(ProbeCallback):
                 self.computed_steps >= 20
                 and self.unconverged_steps > UNCONVERGED_WARNING_SHARE * self.computed_steps,
                 f"{name}: {self.unconverged_steps} of {self.computed_steps} computed steps did not converge "
-                f"within n_iter={self.n_iter} products (chaos/h0_converged = 0; their h0 is typically low). "
-                "The batches' top eigenvectors change from step to step: raise `n_iter` for more products "
-                "per step, or read h0 only where h0_converged = 1.",
+                f"within budget={self._estimator.budget:g} gradient-equivalents per step (n_iter="
+                f"{self.n_iter}); their h0 (chaos/h0_converged = 0) is typically low. The batches' top "
+                "eigenvectors change from step to step, so each step needs a Krylov solve: raise `budget` "
+                "and `n_iter` (or compute every_n_steps with a larger budget), or read h0 where "
+                "h0_converged = 1.",
             ),
             "delta_q": (
                 self._estimator.products == "auto"

@@ -343,22 +343,24 @@ class DirectionProbe:
     Attributes:
         finite_difference: ``Δq ↦ (g(θ + Δq u) − g(θ))/Δq`` (one gradient per call).
         exact: ``Hu``.
+        scale: the curvature scale errors are measured in (the top eigenvalue: a residual of the
+            iteration is compared with ``tol`` times it).
         known: finite differences already computed, by Δq (reused, not recounted).
     """
 
     finite_difference: Callable[[float], Tensor]
     exact: Tensor
+    scale: float
     known: dict[float, Tensor] = field(default_factory=dict)
 
     def error(self, delta: float) -> tuple[float, int]:
-        """Relative error ``‖FD(Δq) − Hu‖ / ‖Hu‖`` and the gradients spent on it (0 or 1)."""
+        """Error ``‖FD(Δq) − Hu‖ / scale`` and the gradients spent on it (0 or 1)."""
         spent = 0
         if delta not in self.known:
             self.known[delta] = self.finite_difference(delta)
             spent = 1
         difference = float(torch.linalg.vector_norm(self.known[delta] - self.exact))
-        norm = float(torch.linalg.vector_norm(self.exact))
-        return (difference / norm if norm > 0 else (0.0 if difference == 0 else math.inf)), spent
+        return (difference / self.scale if self.scale > 0 else (0.0 if difference == 0 else math.inf)), spent
 
 
 class FiniteDifferenceScale:
@@ -367,9 +369,10 @@ class FiniteDifferenceScale:
     A finite difference ``(g(θ + Δq u) − g(θ))/Δq`` is ``Hu`` up to ``O(Δq)`` (the third derivative, and
     the kinks of ReLU, max-pool and BatchNorm crossed within Δq, whose error does not shrink with Δq: a
     crossed kink adds a jump of the gradient divided by Δq) and up to rounding ``O(eps/Δq)``
-    (cancellation in float32). Its relative error along a direction u,
+    (cancellation in float32). Its error along a unit direction u, in units of the top eigenvalue h0 (the
+    scale the iteration's residuals are compared with),
 
-        e(Δq) = ‖(g(θ + Δq u) − g(θ))/Δq − Hu‖ / ‖Hu‖,
+        e(Δq) = ‖(g(θ + Δq u) − g(θ))/Δq − Hu‖ / h0,
 
     is measured against exact products (:meth:`calibrate`), along the top direction (what h0 depends
     on) and along a random one (what a Krylov extension looks like). The largest Δq of the ladder
@@ -391,10 +394,10 @@ class FiniteDifferenceScale:
         >>> a = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
         >>> grad = lambda theta: a @ theta + theta**3  # the gradient of ½θᵀAθ + θ⁴/4 at θ
         >>> u = torch.tensor([1.0, 0.0], dtype=torch.float64)
-        >>> probe = DirectionProbe(lambda dq: (grad(dq * u) - grad(0 * u)) / dq, a @ u)
+        >>> probe = DirectionProbe(lambda dq: (grad(dq * u) - grad(0 * u)) / dq, a @ u, scale=3.62)
         >>> scale = FiniteDifferenceScale(delta_max=0.5, tol=1e-2)
         >>> scale.calibrate([probe]), scale.delta_q, scale.exact
-        (3, 0.03125, False)
+        (2, 0.125, False)
     """
 
     def __init__(self, delta_max: float = 5e-2, tol: float = 2e-2, rungs: int = 8) -> None:
@@ -618,6 +621,7 @@ class HessianEigenEstimator:
         self.needs_warmup = self.warmup_iters > 0
         self.steps_since_check = 0
         self.credit = 0.0
+        self.h0_scale = 0.0  # |h0| of the last valid step: the unit of the Δq checks
         self.second_order = products != "finite_difference"  # False once the model showed it has none
         self._probe_generator = torch.Generator().manual_seed(int(seed) + 2)
 
@@ -686,7 +690,7 @@ class HessianEigenEstimator:
         return finite_difference
 
     def _probe(
-        self, curvature: StepCurvature, g0: Tensor, direction: Tensor, image: Tensor
+        self, curvature: StepCurvature, g0: Tensor, direction: Tensor, image: Tensor, scale: float
     ) -> DirectionProbe:
         """A :class:`DirectionProbe` along ``direction`` (normalised) with its exact ``image``."""
         loss, length = curvature.loss, self._length(curvature.loss)
@@ -696,7 +700,7 @@ class HessianEigenEstimator:
         def finite_difference(delta: float) -> Tensor:
             return (loss.gradient(delta * length * unit) - g0) / (delta * length)
 
-        return DirectionProbe(finite_difference, image / norm)
+        return DirectionProbe(finite_difference, image / norm, scale)
 
     def _random_direction(self, like: Tensor) -> Tensor:
         return torch.randn(like.numel(), generator=self._probe_generator, dtype=torch.float64).to(like)
@@ -764,6 +768,7 @@ class HessianEigenEstimator:
             delta_q_error=check_error,
             warmup_products=top.num_products if warming else 0,
         )
+        self.h0_scale = abs(estimate.h0)
         if self.negative is not None:
             if warming:
                 self.negative.randomize(dim, dtype, device)
@@ -800,7 +805,8 @@ class HessianEigenEstimator:
         warm = self.top._warm(g0.numel(), g0.dtype, g0.device)
         directions = torch.cat([warm, self._random_direction(g0).unsqueeze(1)], dim=1)
         images = curvature.hessian().matmat(directions)
-        probes = [self._probe(curvature, g0, directions[:, i], images[:, i]) for i in (0, 1)]
+        scale = max(abs(float(directions[:, 0] @ images[:, 0])), self.h0_scale)
+        probes = [self._probe(curvature, g0, directions[:, i], images[:, i], scale) for i in (0, 1)]
         self.scale.calibrate(probes)
         return images[:, : self.top.block], self.scale.exact, self.scale.error
 
@@ -808,8 +814,8 @@ class HessianEigenEstimator:
         """Choose Δq after the warm-up: along its top Ritz vector (exact image known) and a random one."""
         direction = self._random_direction(g0)
         probes = [
-            self._probe(curvature, g0, vector, image),
-            self._probe(curvature, g0, direction, curvature.hessian().matvec(direction)),
+            self._probe(curvature, g0, vector, image, self.h0_scale),
+            self._probe(curvature, g0, direction, curvature.hessian().matvec(direction), self.h0_scale),
         ]
         self.scale.calibrate(probes)
         self.steps_since_check = 0
@@ -823,6 +829,7 @@ class HessianEigenEstimator:
             "needs_warmup": self.needs_warmup,
             "steps_since_check": self.steps_since_check,
             "credit": self.credit,
+            "h0_scale": self.h0_scale,
             "second_order": self.second_order,
             "probe_generator": self._probe_generator.get_state(),
         }
@@ -836,5 +843,6 @@ class HessianEigenEstimator:
         self.needs_warmup = bool(state["needs_warmup"])
         self.steps_since_check = int(state["steps_since_check"])
         self.credit = float(state["credit"])
+        self.h0_scale = float(state["h0_scale"])
         self.second_order = bool(state["second_order"])
         self._probe_generator.set_state(state["probe_generator"])

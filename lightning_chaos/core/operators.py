@@ -152,6 +152,10 @@ def _vjp_of_grad(ps: list[Tensor], flat_grad: Tensor, cotangents: Tensor, batche
             allow_unused=True,
             is_grads_batched=batched,
         )
+    if all(piece is None for piece in pieces):
+        # the gradient depends on θ, yet nothing reaches θ twice: an operation's backward is not itself
+        # differentiable (e.g. marked once_differentiable), and H v would silently be 0
+        raise SecondOrderError("the gradient's graph does not reach the parameters: no second derivatives")
     if batched:
         lead = cotangents.shape[0]
         full = [
