@@ -27,7 +27,10 @@ LOSS = "loss"
 LAMBDA = "lambda (Lyapunov exponent, controlled to 1)"
 INVERSE_CURVATURE = "1/h0, beta and learning rate"
 EIGENVALUES = "Hessian eigenvalues"
-PROBE = "probe cost and convergence"
+PROBE = "probe cost (gradient-equivalents)"
+CONVERGED = "h0 converged (1) or not (0)"
+COUNTERS = "skipped and unconverged steps"
+DELTA_Q = "finite-difference separation and its error"
 COUNTS = "chaos counts"
 LLE = "local Lyapunov exponents"
 FTLE = "finite-time Lyapunov exponents"
@@ -46,6 +49,9 @@ _CHARTS = (
     INVERSE_CURVATURE,
     EIGENVALUES,
     PROBE,
+    CONVERGED,
+    COUNTERS,
+    DELTA_Q,
     COUNTS,
     LLE,
     FTLE,
@@ -63,10 +69,13 @@ _CHARTS = (
 _CURVATURE = {
     LAMBDA: ["lyapunov_exponent", "lyapunov_fluctuation"],
     INVERSE_CURVATURE: ["inv_h0", "beta"],
-    EIGENVALUES: ["h0", "h0_rayleigh", "h0_residual", r"h_top\d+", "h_min", "h_min_rayleigh"],
-    PROBE: ["probe_gradients", "warmup_iters", "h0_converged", "skipped_steps"],
+    EIGENVALUES: ["h0", "h0_lyapunov", "h0_residual", r"h_top\d+", "h_min"],
+    PROBE: ["probe_gradients", "probe_hvps", "probe_cost", "warmup_iters"],
+    CONVERGED: ["h0_converged"],
+    COUNTERS: ["skipped_steps", "unconverged_steps"],
+    DELTA_Q: ["delta_q", "delta_q_error"],
 }
-_INVERSE_CURVATURE_LR = {INVERSE_CURVATURE: ["lr"], EIGENVALUES: ["h0_ema"]}
+_INVERSE_CURVATURE_LR = {INVERSE_CURVATURE: ["lr"], EIGENVALUES: ["h0_ema"], COUNTERS: ["lr_held_steps"]}
 _SPECTRUM = {
     COUNTS: [r"n_(chaotic|edge|stable|negative|positive|zero)(_low|_high)?"],
     LLE: ["lle_max", "lle_min"],

@@ -117,9 +117,8 @@ def slq_count(
     or next to an atom is resolved only to about ``‖A‖ / m``. In particular the exact zeros of ReLU
     networks form an atom at 0 that the nodes near 0 carry together with the surrounding bulk, so counts
     split at 0 (negative / zero / positive, and the negative-curvature part of chaotic) can be off by a
-    sizeable fraction of N at m ≈ 100: measured on a ReLU MLP Hessian (N = 2730, 26 % exact zeros, P = 10,
-    m = 80) the negative count came out as 1727 instead of 894. Use the bracket, not the point estimate,
-    there, or move the boundary out of the bulk (the edge band of
+    sizeable fraction of N at m ≈ 100 (measured in ``benchmarks/README.md``). Use the bracket, not the
+    point estimate, there, or move the boundary out of the bulk (the edge band of
     :data:`~lightning_chaos.core.stability.EDGE_TOLERANCE`).
 
     Args:
