@@ -5,19 +5,12 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from helpers import Exploding, MemoryLogger, QuadraticModule, TinyModule, loader, trainer
+from helpers import Exploding, MemoryLogger, QuadraticModule, TinyModule, fit_state, loader, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from test_hessian_eigenvalue_monitor import fit_state
 
 from lightning_chaos import LyapunovSpectrumMonitor
-from lightning_chaos.core.spectrum import (
-    DEFAULT_TOLERANCE,
-    SLQ_TOLERANCE,
-    lanczos_eigenpairs,
-    slq,
-    slq_spectral_counts,
-)
+from lightning_chaos.core.stability import EDGE_TOLERANCE, EXACT_EDGE_TOLERANCE
 
 # γ = 0.2: 2/γ = 10; 1/γ = 5 is avoided (its LLE is -inf); two exact zeros and one h = 2/γ exactly.
 PLANTED = [-3.0, -0.5, 0.0, 0.0, 0.3, 1.0, 4.0, 4.5, 9.0, 10.0, 12.0, 20.0]
@@ -36,11 +29,12 @@ def at(values, step=0):
 
 
 @pytest.mark.parametrize(
-    "sgd, counts, lle_max, lle_min",
+    "sgd, tolerance, counts, lle_max, lle_min",
     [
         # plain SGD: chaotic h < 0 or h > 10, edge = the zeros and h = 10, LLE = log|1 - 0.2 h|
         (
             {"lr": 0.2},
+            EXACT_EDGE_TOLERANCE,
             {"n_chaotic": 4, "n_edge": 3, "n_stable": 5, "n_negative": 2, "n_positive": 8, "n_zero": 2},
             math.log(3.0),
             math.log(0.1),
@@ -48,17 +42,29 @@ def at(values, step=0):
         # weight decay is part of the map: h + 0.25 moves the zeros into the stable set, 10 beyond 2/γ
         (
             {"lr": 0.2, "weight_decay": 0.25},
+            EXACT_EDGE_TOLERANCE,
             {"n_chaotic": 5, "n_edge": 0, "n_stable": 7, "n_negative": 2, "n_positive": 10, "n_zero": 0},
             math.log(abs(1 - 0.2 * 20.25)),
             math.log(abs(1 - 0.2 * 4.75)),
         ),
+        # the default band (EDGE_TOLERANCE, was 1e-5 for the exact method): ε = 2e-2 · 20 = 0.4 also takes
+        # h = 0.3 into the edge; -0.5 stays chaotic
+        (
+            {"lr": 0.2},
+            None,
+            {"n_chaotic": 4, "n_edge": 4, "n_stable": 4, "n_negative": 2, "n_positive": 7, "n_zero": 3},
+            math.log(3.0),
+            math.log(0.1),
+        ),
     ],
 )
-def test_planted_quadratic_counts_and_lles_are_the_closed_form(sgd, counts, lle_max, lle_min):
-    module, logged = run_planted(LyapunovSpectrumMonitor(every_n_steps=1), **sgd)
+def test_planted_quadratic_counts_and_lles_are_the_closed_form(sgd, tolerance, counts, lle_max, lle_min):
+    kwargs = {} if tolerance is None else {"tolerance": tolerance}
+    module, logged = run_planted(LyapunovSpectrumMonitor(every_n_steps=1, **kwargs), **sgd)
     for step in range(3):
         values = at(logged, step)
-        assert values["spectrum_exact"] == 1.0 and values["edge_tolerance"] == DEFAULT_TOLERANCE
+        expected_tolerance = EDGE_TOLERANCE if tolerance is None else tolerance
+        assert values["spectrum_exact"] == 1.0 and values["edge_tolerance"] == expected_tolerance
         assert {k: values[k] for k in counts} == counts
         assert values["lle_max"] == pytest.approx(lle_max, abs=1e-12)
         assert values["lle_min"] == pytest.approx(lle_min, abs=1e-12)
@@ -82,7 +88,8 @@ def test_momentum_exponents_are_the_2x2_block_formula():
         assert values["lle_max"] == pytest.approx(max(exponents), abs=1e-12)
         assert values["lle_min"] == pytest.approx(min(exponents), abs=1e-12)
         assert values["lle_min"] == pytest.approx(0.5 * math.log(mu))  # a complex pair: |z| = √μ
-        assert (values["n_chaotic"], values["n_edge"], values["n_stable"]) == (3, 2, 7)
+        # default band ε = 2e-2 · 20 = 0.4 (was 1e-5: (3, 2, 7)): the zeros and h = 0.3 are edge
+        assert (values["n_chaotic"], values["n_edge"], values["n_stable"]) == (3, 3, 6)
         assert values["n_chaotic"] == sum(e > 1e-9 for e in exponents)
 
 
@@ -101,7 +108,8 @@ class CheckOverlaps(Callback):
         assert latest["grad_overlap_top"] == pytest.approx(float(cos[h.argmax()]), abs=1e-12)
         assert latest["grad_overlap_min"] == pytest.approx(float(cos[h.argmin()]), abs=1e-12)
         shifted = h + self.weight_decay
-        positive, negative = shifted > 1e-3, shifted < -1e-3
+        eps = self.monitor.tolerance * float(h.abs().max())  # the monitor's band (default 2e-2, was 1e-5)
+        positive, negative = shifted > eps, shifted < -eps
         assert latest["grad_overlap_positive"] == pytest.approx(float(cos[positive].mean()), abs=1e-12)
         assert latest["grad_overlap_negative"] == pytest.approx(float(cos[negative].mean()), abs=1e-12)
         self.checked += 1
@@ -118,22 +126,37 @@ def test_gradient_overlaps_with_the_planted_eigenvectors(weight_decay):
     assert check.checked == 3
 
 
+# The classes of PLANTED at γ = 0.2 and the default band ε = 2e-2 · 20 = 0.4, by index (written out).
+PLANTED_CLASSES = {
+    "n_chaotic": [0, 1, 10, 11],
+    "n_edge": [2, 3, 4, 9],
+    "n_stable": [5, 6, 7, 8],
+    "n_negative": [0, 1],
+    "n_positive": [5, 6, 7, 8, 9, 10, 11],
+    "n_zero": [2, 3, 4],
+}
+
+
 def test_lanczos_method_reports_slq_counts_and_names_the_method():
     monitor = LyapunovSpectrumMonitor(
         every_n_steps=1, method="lanczos", num_eigenpairs=3, slq_steps=12, seed=5
     )
     module, logged = run_planted(monitor, max_steps=2, lr=0.2)
-    a, n = module.A, 12
-    generator = torch.Generator().manual_seed(5)  # the monitor's draws, repeated offline on the exact matrix
+    n, u = 12, module.eigenvectors
+    # slq_steps = N: each probe's Gauss rule is exact, so the SLQ count of a class is the Hutchinson estimate
+    # N · mean_p Σ_{i ∈ class} (u_iᵀ z_p)² / ‖z_p‖² of the monitor's Rademacher probes z_p. The oracle replays
+    # the monitor's generator (one Gaussian Lanczos start vector, then 10 probes, per step) and uses the
+    # planted eigenvectors; no function of the package computes it.
+    generator = torch.Generator().manual_seed(5)
     for step in range(2):
         values = at(logged, step)
-        ritz, _ = lanczos_eigenpairs(a, 3, "both", num_steps=12, generator=generator)
-        nodes, weights = slq(a, n, 10, 12, generator)
-        scale = max(float(ritz.abs().max()), float(nodes[weights > 0].abs().max()))
-        expected = slq_spectral_counts(nodes, weights, n, 0.2, SLQ_TOLERANCE, scale=scale)
-        assert values["spectrum_exact"] == 0.0 and values["edge_tolerance"] == SLQ_TOLERANCE
-        for key, value in expected.items():
-            assert values[key] == pytest.approx(value, abs=1e-8), key
+        torch.randn(n, 1, generator=generator, dtype=torch.float64)  # the eigenpair run's start vector
+        z = torch.randint(0, 2, (n, 10), generator=generator).to(torch.float64) * 2 - 1
+        mass = (u.T @ (z / z.norm(dim=0))) ** 2  # (N, P)
+        assert values["spectrum_exact"] == 0.0 and values["edge_tolerance"] == EDGE_TOLERANCE
+        for key, index in PLANTED_CLASSES.items():
+            expected = float(n * mass[index].sum(0).mean())
+            assert values[key] == pytest.approx(expected, abs=1e-8), key
             assert values[f"{key}_low"] - 1e-9 <= values[key] <= values[f"{key}_high"] + 1e-9, key
         # with a full Krylov space the extreme Ritz values are exact: lle_max is the closed form
         assert values["lle_max"] == pytest.approx(math.log(3.0), abs=1e-9)
@@ -286,7 +309,7 @@ def test_slq_counts_of_a_digits_mlp_are_within_two_percent_of_n_of_the_exact_cou
     logger = MemoryLogger()
     lanczos = LyapunovSpectrumMonitor(every_n_steps=300, method="lanczos", overlaps=False)
     exact = LyapunovSpectrumMonitor(
-        every_n_steps=300, method="exact", tolerance=SLQ_TOLERANCE, overlaps=False, log_prefix="chaos/exact_"
+        every_n_steps=300, method="exact", tolerance=EDGE_TOLERANCE, overlaps=False, log_prefix="chaos/exact_"
     )
     module = Classifier(MLP(64, (32, 32), 10, activation=activation), lr=0.1)
     trainer([lanczos, exact], logger=logger, max_steps=301, limit_val_batches=0).fit(
@@ -297,7 +320,7 @@ def test_slq_counts_of_a_digits_mlp_are_within_two_percent_of_n_of_the_exact_cou
     for step in (0, 300):
         values = at(logger.chaos(), step)
         assert values["spectrum_exact"] == 0.0 and values["exact_spectrum_exact"] == 1.0
-        assert values["edge_tolerance"] == values["exact_edge_tolerance"] == SLQ_TOLERANCE
+        assert values["edge_tolerance"] == values["exact_edge_tolerance"] == EDGE_TOLERANCE
         if step == 0:  # the hard case: a dense spectrum through 0, a third of it outside the edge band
             assert values["exact_n_chaotic"] >= 0.1 * n and values["exact_n_stable"] >= 0.1 * n
         for key in ("n_chaotic", "n_edge", "n_stable", "n_negative", "n_positive", "n_zero"):

@@ -3,13 +3,13 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import Exploding, MemoryLogger, QuadraticModule, TinyModule, loader, trainer
+from helpers import Exploding, MemoryLogger, QuadraticModule, TinyModule, fit_state, loader, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from test_hessian_eigenvalue_monitor import fit_state
 
 from lightning_chaos import TangentMapMonitor
-from lightning_chaos.core.tangent import sgd_tangent_map
+from lightning_chaos.core.sgd import SGDHyperparameters
+from lightning_chaos.core.tangent_map import sgd_tangent_map
 
 F64 = torch.float64
 
@@ -110,8 +110,9 @@ def test_accumulated_map_of_a_tiny_mlp_is_the_explicit_product(momentum):
             product = (torch.eye(n, dtype=F64) - lr * hessian) @ product
     else:  # Y_T = Π J_t [I; 0] on (δθ, δv), the first map with torch's buffer initialisation
         product = torch.cat([torch.eye(n, dtype=F64), torch.zeros(n, n, dtype=F64)])
+        sgd = SGDHyperparameters(lr=lr, momentum=momentum)
         for t, hessian in enumerate(record.hessians):
-            product = sgd_tangent_map(hessian, lr, momentum, first_step=t == 0) @ product
+            product = sgd_tangent_map(hessian, sgd.at_first_step() if t == 0 else sgd) @ product
     q, r = torch.linalg.qr(product)
     sign = torch.sign(torch.diagonal(r))
     torch.testing.assert_close(monitor.lyapunov.frame, q * sign, rtol=0, atol=1e-10)
