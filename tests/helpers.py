@@ -469,3 +469,15 @@ def cgd_step(opt, net, x, y):
     loss_of(net, x, y).backward()
     opt.set_curvature(FunctionalLoss(net, lambda: loss_of(net, x, y)))
     opt.step()
+
+
+class Skipping(TinyModule):
+    """``training_step`` returns ``None`` on the batches in ``skip``: Lightning skips their backward pass."""
+
+    def __init__(self, skip=(1, 2), **kwargs):
+        super().__init__(**kwargs)
+        self.skip = tuple(skip)
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return None if batch_idx in self.skip else loss

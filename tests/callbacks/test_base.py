@@ -1,0 +1,108 @@
+"""What every probing callback shares (callbacks._base): one instance per log_prefix, skipped steps."""
+
+import math
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import MemoryLogger, Skipping, TinyModule, loader, trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_chaos import (
+    CGD,
+    CGDCurvature,
+    LyapunovSpectrumMonitor,
+    TangentMapMonitor,
+    TrajectoryDivergence,
+)
+
+PROBES = {
+    "LyapunovSpectrumMonitor": lambda **kw: LyapunovSpectrumMonitor(every_n_steps=1, **kw),
+    "TangentMapMonitor": lambda **kw: TangentMapMonitor(**kw),
+    "TrajectoryDivergence": lambda **kw: TrajectoryDivergence(directions=["random"], init_samples=0, **kw),
+    "CGDCurvature": lambda **kw: CGDCurvature(**kw),
+}
+OTHER_SETTINGS = {
+    "LyapunovSpectrumMonitor": {"method": "lanczos"},
+    "TangentMapMonitor": {"num_columns": 3},
+    "TrajectoryDivergence": {"epsilon": 0.5},
+    "CGDCurvature": {},
+}
+
+
+class CGDTiny(TinyModule):
+    def configure_optimizers(self):
+        return CGD(
+            torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum), strategy="negative"
+        )
+
+
+@pytest.mark.parametrize("name", PROBES)
+@pytest.mark.parametrize("other", [False, True], ids=["identical", "other_settings"])
+def test_two_instances_with_one_log_prefix_are_refused_at_fit(name, other):
+    make = PROBES[name]
+    first, second = make(), make(**(OTHER_SETTINGS[name] if other else {}))
+    assert first.log_prefix == second.log_prefix == "chaos/"
+    module = CGDTiny() if name == "CGDCurvature" else TinyModule()
+    tr = trainer([first, second], max_steps=1)  # building the Trainer is fine: the error comes from fit
+    with pytest.raises(
+        MisconfigurationException, match=f"2 {name} callbacks share log_prefix='chaos/'.*`log_prefix`"
+    ):
+        tr.fit(module, loader())
+
+
+def test_state_keys_name_the_class_and_the_log_prefix():
+    a, b = LyapunovSpectrumMonitor(), LyapunovSpectrumMonitor(log_prefix="b/")
+    other = TangentMapMonitor()  # another class may share the prefix
+    trainer([a, b, other], max_steps=1).fit(TinyModule(), loader())
+    assert a.state_key == "LyapunovSpectrumMonitor{'log_prefix': 'chaos/'}"
+    assert b.state_key == "LyapunovSpectrumMonitor{'log_prefix': 'b/'}"
+    assert other.state_key == "TangentMapMonitor{'log_prefix': 'chaos/'}"
+
+
+# ------------------------------------------------------------------ training_step returning None
+
+SKIPPED = (1, 2)  # batch indices of the first epoch (4 batches) whose training_step returns None
+STEPS = 6  # steps 0-5; steps 1, 2 and 5 (batch 1 of epoch 2) are skipped
+
+
+def fit_skipping(callback, curvature_loss, module_cls=Skipping):
+    pl.seed_everything(0, verbose=False)
+    logger = MemoryLogger()
+    module = module_cls(skip=SKIPPED, curvature_loss=curvature_loss)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer([callback], logger=logger, max_steps=STEPS).fit(module, loader(shuffle=False))
+    ours = [w for w in caught if type(callback).__name__ in str(w.message)]
+    return logger.chaos(), module, ours
+
+
+def computed_steps(logged, counters):
+    return {step for key, values in logged.items() if key not in counters for step in values}
+
+
+SKIPPED_STEPS = {1, 2, 5}
+
+
+@pytest.mark.parametrize("curvature_loss", [False, True], ids=["training_step", "curvature_loss"])
+def test_lyapunov_spectrum_monitor_skips_and_counts_steps_without_a_loss(curvature_loss):
+    monitor = LyapunovSpectrumMonitor(every_n_steps=1)
+    logged, _, ours = fit_skipping(monitor, curvature_loss)
+    assert monitor.skipped_steps == 3
+    assert computed_steps(logged, {"chaos/spectrum_skipped"}) == {0, 3, 4}
+    assert logged["chaos/spectrum_skipped"] == {0: 0, 1: 1, 2: 2, 3: 2, 4: 2, 5: 3}
+    assert len(ours) == 1 and "NoLossError" in str(ours[0].message)
+    assert all(math.isfinite(v) for values in logged.values() for v in values.values())
+
+
+@pytest.mark.parametrize("curvature_loss", [False, True], ids=["training_step", "curvature_loss"])
+def test_tangent_map_monitor_leaves_steps_without_a_loss_out_of_the_product(curvature_loss):
+    # the update of a skipped batch is the identity, not I − γH: the product is that of the other steps
+    monitor = TangentMapMonitor()
+    logged, _, ours = fit_skipping(monitor, curvature_loss)
+    assert monitor.skipped_steps == 3 and monitor.lyapunov.num_steps == 3
+    assert computed_steps(logged, {"chaos/tangent_steps", "chaos/tangent_skipped"}) == {0, 3, 4}
+    assert logged["chaos/tangent_skipped"] == {0: 0, 1: 1, 2: 2, 3: 2, 4: 2, 5: 3}
+    assert logged["chaos/tangent_steps"] == {0: 1, 1: 1, 2: 1, 3: 2, 4: 3, 5: 3}
+    assert len(ours) == 1
