@@ -106,3 +106,30 @@ def test_tangent_map_monitor_leaves_steps_without_a_loss_out_of_the_product(curv
     assert logged["chaos/tangent_skipped"] == {0: 0, 1: 1, 2: 2, 3: 2, 4: 2, 5: 3}
     assert logged["chaos/tangent_steps"] == {0: 1, 1: 1, 2: 1, 3: 2, 4: 3, 5: 3}
     assert len(ours) == 1
+
+
+@pytest.mark.parametrize("curvature_loss", [False, True], ids=["training_step", "curvature_loss"])
+def test_trajectory_divergence_takes_no_twin_step_where_the_run_took_none(curvature_loss):
+    div = TrajectoryDivergence(directions=["random", "max_chaotic"], init_samples=0)
+    logged, _, ours = fit_skipping(div, curvature_loss)
+    assert div.skipped_steps == 3 and len(ours) == 1
+    # d(t) after t real updates: three of them, logged at the steps that had a loss, plus the final one
+    assert all(len(d) == 4 for d in div.distances.values())
+    assert set(logged["chaos/divergence/random"]) == {0, 3, 4, 6}
+    assert div.results["num_steps"] == 3
+    # the twins replayed exactly the main run's updates: each is the run started from θ0 + εu
+    for name, (twin, _) in div._twins.items():
+        start = div.perturbations[name]
+        pl.seed_everything(0, verbose=False)
+        separate = Skipping(skip=SKIPPED, curvature_loss=curvature_loss)
+        with torch.no_grad():
+            offset = 0
+            for p in separate.parameters():
+                p.add_((div.epsilon * start[offset : offset + p.numel()]).reshape(p.shape).to(p.dtype))
+                offset += p.numel()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer([], max_steps=STEPS).fit(separate, loader(shuffle=False))
+        twin_theta = torch.cat([p.detach().reshape(-1) for p in twin.parameters()])
+        separate_theta = torch.cat([p.detach().reshape(-1) for p in separate.parameters()])
+        torch.testing.assert_close(twin_theta, separate_theta, rtol=0, atol=1e-6)
