@@ -256,3 +256,33 @@ def test_other_base_optimizers_use_their_shared_learning_rate():
     groups = [{"params": list(net.parameters())[:2]}, {"params": list(net.parameters())[2:], "lr": 0.1}]
     with pytest.raises(ValueError, match="one learning rate"):
         CGD(torch.optim.Adam(groups, lr=0.01)).hyperparameters()
+
+
+def test_a_closure_without_loss_or_gradient_is_a_skipped_step():
+    # Lightning's closure of a training_step that returned None: zero_grad, no backward, no loss
+    net = tanh_net()
+    opt = CGD(torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9), strategy="negative")
+    cgd_step(opt, net, *batch(seed=3))  # fills the momentum buffers
+    before = flat(net)
+    buffers = [opt.state[p]["momentum_buffer"].clone() for p in net.parameters()]
+    opt.set_curvature(FunctionalLoss(net, lambda: None))  # what CGDCurvature hands over on such a step
+
+    def closure():
+        opt.zero_grad()
+
+    assert opt.step(closure) is None
+    assert torch.equal(flat(net), before) and opt.num_steps == 1
+    assert all(torch.equal(b, opt.state[p]["momentum_buffer"]) for b, p in zip(buffers, net.parameters()))
+    assert opt.step(closure) is None  # no curvature needed either
+    # a closure that runs backward but returns nothing is a real step: it needs (and uses) the curvature
+    x, y = batch(seed=4)
+
+    def backward_only():
+        opt.zero_grad()
+        loss_of(net, x, y).backward()
+
+    with pytest.raises(RuntimeError, match="CGDCurvature"):
+        opt.step(backward_only)
+    opt.set_curvature(FunctionalLoss(net, lambda: loss_of(net, x, y)))
+    opt.step(backward_only)
+    assert opt.num_steps == 2 and not torch.equal(flat(net), before)

@@ -6,7 +6,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import MemoryLogger, Skipping, TinyModule, loader, trainer
+from helpers import MemoryLogger, Skipping, TinyModule, cgd_step, loader, trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_chaos import (
@@ -133,3 +133,32 @@ def test_trajectory_divergence_takes_no_twin_step_where_the_run_took_none(curvat
         twin_theta = torch.cat([p.detach().reshape(-1) for p in twin.parameters()])
         separate_theta = torch.cat([p.detach().reshape(-1) for p in separate.parameters()])
         torch.testing.assert_close(twin_theta, separate_theta, rtol=0, atol=1e-6)
+
+
+class SkippingCGD(Skipping):
+    def configure_optimizers(self):
+        base = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+        return CGD(base, strategy="negative")
+
+
+@pytest.mark.parametrize("curvature_loss", [False, True], ids=["training_step", "curvature_loss"])
+def test_cgd_takes_no_step_where_lightning_skipped_the_batch(curvature_loss):
+    # Lightning still calls optimizer.step (its closure returns None and computes no gradient): CGD then
+    # steps nothing, projects nothing (not even the momentum buffer) and does not count the step.
+    logged, module, _ = fit_skipping(CGDCurvature(), curvature_loss, SkippingCGD)
+    optimizer = module.trainer.optimizers[0]
+    assert optimizer.num_steps == 3
+    assert set(logged["chaos/cgd_removed"]) == {0, 3, 4}
+    assert all(math.isfinite(v) for values in logged.values() for v in values.values())
+    # the same as a plain CGD loop over the batches that have a loss (epoch 1: 0 and 3; epoch 2: 0)
+    pl.seed_everything(0, verbose=False)
+    net = Skipping().net
+    plain = CGD(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), strategy="negative")
+    batches = list(loader(shuffle=False))
+    for x, y in (batches[0], batches[3], batches[0]):
+        cgd_step(plain, net, x, y)
+    for p, q in zip(module.net.parameters(), net.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            optimizer.state[p]["momentum_buffer"], plain.state[q]["momentum_buffer"], rtol=0, atol=1e-6
+        )
