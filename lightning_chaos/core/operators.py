@@ -285,9 +285,16 @@ class HessianOperator:
                 return _vjp_of_grad(ps, flat_grad, block.T, batched=True)
             except (RuntimeError, NotImplementedError) as err:
                 self._batching_works = False
+                # the loop raises (SecondOrderError) when the products themselves fail, not their batching:
+                # that is no batching failure to warn about
+                looped = self._loop(block)
                 warnings.warn(
                     f"batched Hessian products failed ({err}); falling back to a loop", stacklevel=3
                 )
+                return looped
+        return self._loop(block)
+
+    def _loop(self, block: Tensor) -> Tensor:
         return torch.stack([self._hvp(block[:, i]) for i in range(block.shape[1])], dim=1)
 
     def _check(self, x: Tensor, ndim: int) -> Tensor:
