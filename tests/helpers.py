@@ -481,3 +481,47 @@ class Skipping(TinyModule):
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
         return None if batch_idx in self.skip else loss
+
+
+# ------------------------------------------------------------------------------------------ second order
+
+
+class _TanhDerivative(torch.autograd.Function):
+    """``g · tanh'(x)`` whose own backward does not exist."""
+
+    @staticmethod
+    def forward(ctx, x, g):
+        return g * (1 - torch.tanh(x) ** 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError("_TanhDerivative has no backward")
+
+
+class RaisingTanh(torch.autograd.Function):
+    """tanh with a backward that cannot be differentiated again: double backward raises."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return _TanhDerivative.apply(x, g)
+
+
+class OnceTanh(torch.autograd.Function):
+    """tanh with a ``@once_differentiable`` backward (autograd would drop its second derivatives silently)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (1 - torch.tanh(x) ** 2)

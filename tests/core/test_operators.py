@@ -1,8 +1,10 @@
 """Exact Hessian-vector products, the Hessian operator and the dense Hessian against exact linear algebra."""
 
+import warnings
+
 import pytest
 import torch
-from helpers import F64, mlp_loss, planted, quadratic_loss
+from helpers import F64, RaisingTanh, mlp_loss, planted, quadratic_loss
 
 from lightning_chaos.core.operators import (
     HessianOperator,
@@ -233,6 +235,22 @@ def test_as_matmat_accepts_dense_operators_and_bare_matvecs():
         as_matmat(torch.zeros(2, 3))
 
 
+@pytest.mark.parametrize("method", ["double_backward", "forward_over_reverse"])
+def test_a_missing_double_backward_is_a_second_order_error_and_no_batching_warning(method):
+    # in the middle of the loss, as in a network: the gradient flowing into its backward depends on θ
+    loss_fn = lambda ps: (ps[1] * RaisingTanh.apply(ps[0])).sum()  # noqa: E731
+    params = [torch.tensor([1.0, 2.0], dtype=F64), torch.tensor([0.5, -1.0], dtype=F64)]
+    with pytest.raises(SecondOrderError, match="second-order product failed"):
+        hessian_vector_product(loss_fn, params, torch.ones(4, dtype=F64), method)
+    op = HessianOperator(loss_fn, params, method=method)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the products fail, not their batching: nothing to warn about
+        with pytest.raises(SecondOrderError):
+            op.to_dense()
+    with pytest.raises(SecondOrderError):
+        dense_hessian(loss_fn, params)
+
+
 def test_second_order_context_lets_other_errors_through():
     with pytest.raises(ValueError, match="not a second-order failure"), second_order_context():
         raise ValueError("not a second-order failure")
@@ -242,21 +260,35 @@ def test_second_order_context_lets_other_errors_through():
 
 @pytest.mark.parametrize("method", ["double_backward", "forward_over_reverse"])
 def test_hvp_through_multihead_attention_in_training_mode(method):
-    # The fused CPU attention kernel nn.MultiheadAttention selects has no double backward; the math kernel
-    # second_order_context selects does. Oracle: torch.func.hessian of the same loss with the math kernel.
+    # In float32 training mode nn.MultiheadAttention (need_weights=False, as nn.TransformerEncoderLayer
+    # calls it) selects the fused CPU attention kernel, which has no double backward; second_order_context
+    # selects the math kernel, which does. Oracle: torch.func.hessian of the same loss under the math
+    # kernel, computed here without the package.
     torch.manual_seed(0)
-    attention = torch.nn.MultiheadAttention(4, 2, batch_first=True, dropout=0.0).double().train()
-    x = torch.randn(3, 5, 4, dtype=F64)
+    attention = torch.nn.MultiheadAttention(4, 2, batch_first=True, dropout=0.0).train()
+    x = torch.randn(3, 5, 4)
     names = [n for n, _ in attention.named_parameters()]
     params = [p.detach() for p in attention.parameters()]
 
     def loss_fn(ps):
-        out, _ = torch.func.functional_call(attention, dict(zip(names, ps)), (x, x, x))
+        mapping = dict(zip(names, ps, strict=True))
+        out, _ = torch.func.functional_call(attention, mapping, (x, x, x), {"need_weights": False})
         return out.pow(2).mean()
 
-    v = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(1), dtype=F64)
+    leaves = [p.clone().requires_grad_() for p in params]
+    grads = torch.autograd.grad(loss_fn(leaves), leaves, create_graph=True)
+    with pytest.raises(RuntimeError, match="not implemented"):  # the fused kernel: no double backward
+        torch.autograd.grad(sum(g.sum() for g in grads), leaves, allow_unused=True)
+
+    def flat_loss(flat):
+        return loss_fn(list(unflatten(flat, params)))
+
+    theta = torch.cat([p.reshape(-1) for p in params])
+    v = torch.randn(theta.numel(), generator=torch.Generator().manual_seed(1))
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-        expected = dense_hessian(loss_fn, params) @ v
+        expected = torch.func.hessian(flat_loss)(theta) @ v
+    hv = hessian_vector_product(loss_fn, params, v, method)
+    torch.testing.assert_close(hv, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(
-        hessian_vector_product(loss_fn, params, v, method), expected, rtol=0, atol=1e-10
+        HessianOperator(loss_fn, params, method=method).matvec(v), hv, rtol=0, atol=1e-6
     )
