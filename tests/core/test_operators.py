@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import F64, RaisingTanh, mlp_loss, planted, quadratic_loss
+from helpers import F64, OnceTanh, RaisingTanh, mlp_loss, planted, quadratic_loss
 
 from lightning_chaos.core.operators import (
     HessianOperator,
@@ -249,6 +249,21 @@ def test_a_missing_double_backward_is_a_second_order_error_and_no_batching_warni
             op.to_dense()
     with pytest.raises(SecondOrderError):
         dense_hessian(loss_fn, params)
+
+
+@pytest.mark.parametrize("method", ["double_backward", "forward_over_reverse"])
+def test_a_once_differentiable_backward_is_a_second_order_error_not_a_zero(method):
+    # autograd never reaches the error node @once_differentiable leaves in the gradient's graph when it
+    # differentiates with respect to θ: the second derivatives through it came out as silent zeros
+    loss_fn = lambda ps: (ps[1] * OnceTanh.apply(ps[0])).sum()  # noqa: E731
+    params = [torch.tensor([1.0, 2.0], dtype=F64), torch.tensor([0.5, -1.0], dtype=F64)]
+    with pytest.raises(SecondOrderError, match="once_differentiable|second-order product failed"):
+        hessian_vector_product(loss_fn, params, torch.ones(4, dtype=F64), method)
+    with pytest.raises(SecondOrderError):
+        HessianOperator(loss_fn, params, method=method).to_dense()
+    # the same loss with torch's tanh has the Hessian the error replaced
+    exact = dense_hessian(lambda ps: (ps[1] * torch.tanh(ps[0])).sum(), params)
+    assert float(torch.diagonal(exact[:2, 2:]).abs().min()) > 0.05  # the cross terms that were dropped
 
 
 def test_second_order_context_lets_other_errors_through():
