@@ -525,3 +525,33 @@ class OnceTanh(torch.autograd.Function):
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         return g * (1 - torch.tanh(x) ** 2)
+
+
+class AttentionModule(TinyModule):
+    """A transformer encoder layer over the 8 features read as 4 tokens of 2: fused attention in training."""
+
+    def __init__(self, dropout=0.0, **kwargs):
+        super().__init__(**kwargs)
+        del self.net
+        self.embed = nn.Linear(2, 4)
+        self.encoder = nn.TransformerEncoderLayer(4, 2, dim_feedforward=8, dropout=dropout, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def logits(self, x):
+        return self.head(self.encoder(self.embed(x.reshape(x.shape[0], 4, 2))).mean(1))
+
+    def _loss(self, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(self.logits(x), y)
+
+
+class CustomFunctionModule(TinyModule):
+    """TinyModule whose hidden activation is a custom autograd.Function (``function``) instead of nn.Tanh."""
+
+    def __init__(self, function, **kwargs):
+        super().__init__(**kwargs)
+        self.function = function
+
+    def _loss(self, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net[3](self.function.apply(self.net[0](x))), y)

@@ -6,8 +6,21 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import MemoryLogger, Skipping, TinyModule, cgd_step, loader, trainer
+from helpers import (
+    AttentionModule,
+    CustomFunctionModule,
+    MemoryLogger,
+    OnceTanh,
+    RaisingTanh,
+    Skipping,
+    TinyModule,
+    cgd_step,
+    loader,
+    trainer,
+)
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_chaos import (
     CGD,
@@ -162,3 +175,98 @@ def test_cgd_takes_no_step_where_lightning_skipped_the_batch(curvature_loss):
         torch.testing.assert_close(
             optimizer.state[p]["momentum_buffer"], plain.state[q]["momentum_buffer"], rtol=0, atol=1e-6
         )
+
+
+# ------------------------------------------------------------------ models without double backward
+
+
+class RecordLLEMax(Callback):
+    """Largest plain-SGD LLE of each step's batch Hessian, by torch.func.hessian under the math kernel."""
+
+    def __init__(self, lr):
+        self.lr, self.values = lr, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batch = batch
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        names = [n for n, _ in pl_module.named_parameters()]
+        like = [p.detach() for p in pl_module.parameters()]
+
+        def flat_loss(flat):
+            pieces = torch.split(flat, [p.numel() for p in like])
+            params = {n: t.reshape(p.shape) for n, t, p in zip(names, pieces, like, strict=True)}
+            return torch.func.functional_call(pl_module, params, (self.batch,), strict=False)
+
+        theta = torch.cat([p.reshape(-1) for p in like])
+        with sdpa_kernel(SDPBackend.MATH):
+            h = torch.linalg.eigvalsh(torch.func.hessian(flat_loss)(theta).double())
+        self.values.append(float(torch.log((1 - self.lr * h).abs()).max()))
+
+
+class AttentionForward(AttentionModule):
+    def forward(self, batch):  # the loss as forward, for functional_call in RecordLLEMax
+        return self._loss(batch)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: LyapunovSpectrumMonitor(every_n_steps=1),
+        lambda: LyapunovSpectrumMonitor(every_n_steps=1, method="lanczos", slq_steps=20),
+        lambda: TangentMapMonitor(),
+        lambda: TangentMapMonitor(num_columns=3),
+    ],
+    ids=["spectrum_exact", "spectrum_lanczos", "tangent_full", "tangent_columns"],
+)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_monitors_run_through_fused_attention_in_training_mode(make, dropout):
+    monitor = make()
+    record = RecordLLEMax(lr=0.1)
+    pl.seed_everything(0, verbose=False)
+    logger = MemoryLogger()
+    module = AttentionForward(dropout=dropout, momentum=0.0)
+    callbacks = [monitor, record] if dropout == 0 else [monitor]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(callbacks, logger=logger, max_steps=3).fit(module, loader())
+    assert module.training and monitor.skipped_steps == 0
+    assert not [w for w in caught if "lightning_chaos" in w.filename], [str(w.message) for w in caught]
+    logged = logger.chaos()
+    key = "chaos/lle_max" if isinstance(monitor, LyapunovSpectrumMonitor) else "chaos/mlce"
+    assert set(logged[key]) == {0, 1, 2}
+    assert all(math.isfinite(v) for values in logged.values() for v in values.values())
+    if dropout == 0 and key == "chaos/lle_max" and monitor.method == "exact":
+        assert len(record.values) == 3
+        for step, expected in enumerate(record.values):  # the exact spectrum of the step's batch
+            assert logged[key][step] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("function", [RaisingTanh, OnceTanh], ids=["raising", "once_differentiable"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: LyapunovSpectrumMonitor(every_n_steps=1),
+        lambda: LyapunovSpectrumMonitor(every_n_steps=1, method="lanczos", slq_steps=20),
+        lambda: TangentMapMonitor(),
+    ],
+    ids=["spectrum_exact", "spectrum_lanczos", "tangent"],
+)
+def test_a_custom_function_without_double_backward_skips_counted_steps_with_one_warning(make, function):
+    monitor = make()
+    pl.seed_everything(0, verbose=False)
+    logger = MemoryLogger()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer([monitor], logger=logger, max_steps=3).fit(CustomFunctionModule(function), loader())
+    ours = [
+        str(w.message) for w in caught if "lightning_chaos" in w.filename or "skipped step" in str(w.message)
+    ]
+    assert len(ours) == 1 and "SecondOrderError" in ours[0], ours
+    assert monitor.skipped_steps == 3
+    counters = {"chaos/spectrum_skipped", "chaos/tangent_steps", "chaos/tangent_skipped"}
+    assert set(logger.chaos()) <= counters  # nothing but the counters is logged
+    skipped = (
+        "chaos/spectrum_skipped" if "chaos/spectrum_skipped" in logger.chaos() else "chaos/tangent_skipped"
+    )
+    assert logger.chaos()[skipped] == {0: 1, 1: 2, 2: 3}
