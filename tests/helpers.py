@@ -251,14 +251,14 @@ class MetricModule(TinyModule):
         from torchmetrics.classification import MulticlassAccuracy
 
         self.train_acc = MulticlassAccuracy(num_classes=3)
-        self.steps = 0
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         logits = self.net(x)
         loss = nn.functional.cross_entropy(logits, y)
-        self.train_acc(logits, y)  # forward: updates the state and caches the batch value
-        self.log("train/acc", self.train_acc, on_step=True, on_epoch=True)
+        # forward: updates the accumulated state, caches and returns the batch value (logged as a tensor,
+        # so that Lightning does not reset the metric at the epoch's end: its state covers every step)
+        self.log("train/acc", self.train_acc(logits, y))
         self.log("train/loss", loss)
         return loss
 

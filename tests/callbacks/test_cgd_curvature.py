@@ -6,7 +6,16 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import MemoryLogger, TinyModule, cgd_step, loader, trainer
+from helpers import (
+    MemoryLogger,
+    MetricModule,
+    TinyModule,
+    assert_same_training,
+    cgd_step,
+    fit_state,
+    loader,
+    trainer,
+)
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 
 from lightning_chaos import CGD, CGDCurvature, TrajectoryDivergence
@@ -65,6 +74,22 @@ def test_lightning_cgd_matches_the_plain_loop_and_shares_the_eigendecomposition(
         sched.step()
     for p, q in zip(module.net.parameters(), net.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+class CGDMetricModule(MetricModule):
+    def configure_optimizers(self):
+        return CGD(torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum), strategy="chaotic")
+
+
+def test_probing_training_step_leaves_a_torchmetrics_metric_as_training_left_it():
+    # CGD cannot run without CGDCurvature: the reference is the same run whose probe is curvature_loss
+    # (the same loss, never touching the metric); probing training_step must give the bit-identical run,
+    # metric state and update count included
+    reference = fit_state([CGDCurvature()], module_cls=CGDMetricModule, curvature_loss=True)
+    watched = fit_state([CGDCurvature()], module_cls=CGDMetricModule, curvature_loss=False)
+    assert_same_training(reference, watched)
+    assert watched[4]["train_acc"][1] == 6  # one update per training step, none per probe evaluation
+    assert any(not torch.equal(a, b) for a, b in zip(reference[1], fit_state([], module_cls=MetricModule)[1]))
 
 
 def test_lightning_without_the_callback_or_without_cgd_says_what_to_add():

@@ -5,7 +5,17 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from helpers import Exploding, MemoryLogger, QuadraticModule, TinyModule, fit_state, loader, trainer
+from helpers import (
+    Exploding,
+    MemoryLogger,
+    MetricModule,
+    QuadraticModule,
+    TinyModule,
+    assert_same_training,
+    fit_state,
+    loader,
+    trainer,
+)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -166,16 +176,22 @@ def test_lanczos_method_reports_slq_counts_and_names_the_method():
     assert at(logged)["spectrum_exact"] == 0.0
 
 
-def test_monitors_leave_training_bit_identical():
-    plain = fit_state([])
+@pytest.mark.parametrize("module_cls", [TinyModule, MetricModule], ids=["tiny", "torchmetrics"])
+def test_monitors_leave_training_bit_identical(module_cls):
+    # MetricModule: no curvature_loss, so the probe re-runs training_step, which updates a torchmetrics
+    # MulticlassAccuracy: its state and update count must be those of the run without the monitors
+    plain = fit_state([], module_cls=module_cls)
     exact = LyapunovSpectrumMonitor(every_n_steps=2)
     lanczos = LyapunovSpectrumMonitor(every_n_steps=3, method="lanczos", slq_steps=20, log_prefix="lz/")
-    watched = fit_state([exact, lanczos])
+    watched = fit_state([exact, lanczos], module_cls=module_cls)
     for key in plain[0]:
         assert torch.equal(plain[0][key], watched[0][key]), key  # weights and BatchNorm buffers
     assert all(torch.equal(a, b) for a, b in zip(plain[1], watched[1]))  # optimizer state
     assert torch.equal(plain[2], watched[2])  # global RNG stream after training
     assert torch.equal(plain[3], watched[3])
+    assert_same_training(plain, watched)  # all of the above and the metrics' states and update counts
+    if module_cls is MetricModule:
+        assert plain[4]["train_acc"][1] == 6  # one update per training step
     assert exact.latest["spectrum_exact"] == 1.0 and lanczos.latest["spectrum_exact"] == 0.0
 
 

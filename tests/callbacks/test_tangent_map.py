@@ -3,7 +3,17 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import Exploding, MemoryLogger, QuadraticModule, TinyModule, fit_state, loader, trainer
+from helpers import (
+    Exploding,
+    MemoryLogger,
+    MetricModule,
+    QuadraticModule,
+    TinyModule,
+    assert_same_training,
+    fit_state,
+    loader,
+    trainer,
+)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -143,15 +153,19 @@ def test_k_columns_follow_the_product_applied_to_the_initial_frame():
     assert monitor.lyapunov.mlce_bound() == pytest.approx(sum(exact) / steps, rel=1e-6)
 
 
-def test_monitor_leaves_training_bit_identical():
-    plain = fit_state([])
+@pytest.mark.parametrize("module_cls", [TinyModule, MetricModule], ids=["tiny", "torchmetrics"])
+def test_monitor_leaves_training_bit_identical(module_cls):
+    plain = fit_state([], module_cls=module_cls)
     full, columns = TangentMapMonitor(), TangentMapMonitor(num_columns=4, log_prefix="tk/")
-    watched = fit_state([full, columns])
+    watched = fit_state([full, columns], module_cls=module_cls)
     for key in plain[0]:
         assert torch.equal(plain[0][key], watched[0][key]), key
     assert all(torch.equal(a, b) for a, b in zip(plain[1], watched[1]))
     assert torch.equal(plain[2], watched[2])
     assert torch.equal(plain[3], watched[3])
+    assert_same_training(plain, watched)  # with MetricModule: the metric's state and update count too
+    if module_cls is MetricModule:
+        assert plain[4]["train_acc"][1] == 6
     assert full.lyapunov.num_steps == columns.lyapunov.num_steps == 6
 
 
