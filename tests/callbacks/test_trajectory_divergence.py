@@ -183,3 +183,50 @@ def test_unsupported_setups_and_bad_arguments():
     ]:
         with pytest.raises(MisconfigurationException, match=name):
             TrajectoryDivergence(**kwargs)
+
+
+class DirectParameter(TinyModule):
+    """A parameter held by the LightningModule itself: no submodule's reset_parameters() re-draws it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def _loss(self, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x) * self.scale, y)
+
+
+class NoRedraw(TinyModule):
+    """Only Linear layers (analytic baseline known), one of which cannot be re-drawn."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.net[0].reset_parameters = None
+
+
+@pytest.mark.parametrize(
+    ("module_cls", "analytic"),
+    [(DirectParameter, False), (NoRedraw, True)],
+    ids=["direct_parameter", "analytic_only"],
+)
+def test_parameters_no_reset_parameters_redraws_leave_out_the_sampled_baseline(module_cls, analytic):
+    logger = MemoryLogger()
+    div = TrajectoryDivergence(directions=["random", "max_chaotic"], init_samples=4)
+    with pytest.warns(UserWarning, match="no sampled init distance.*cannot re-draw parameter") as caught:
+        fit([div], module_cls, logger=logger)
+    chaos = logger.chaos()
+    assert div.init_distance_sampled is None and "chaos/divergence/init_distance_sampled" not in chaos
+    if analytic:  # every trainable parameter belongs to a Linear: the analytic baseline is still reported
+        assert div.init_distance == pytest.approx(default_init_distance(TinyModule()), rel=1e-12)
+        assert chaos["chaos/divergence/init_distance"] == {0: div.init_distance}
+    else:  # the module's own parameter has no known default initialisation either
+        assert div.init_distance is None and "chaos/divergence/init_distance" not in chaos
+        assert any(
+            "no analytic init distance" in str(w.message) and "'scale'" in str(w.message) for w in caught
+        )
+    # the twins ran anyway
+    assert set(div.distances) == {"random", "max_chaotic"} and all(
+        len(d) == 7 for d in div.distances.values()
+    )
+    assert sorted(chaos["chaos/divergence/random"]) == list(range(7))
