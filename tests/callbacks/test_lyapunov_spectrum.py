@@ -341,3 +341,66 @@ def test_slq_counts_of_a_digits_mlp_are_within_two_percent_of_n_of_the_exact_cou
             assert values["exact_n_chaotic"] >= 0.1 * n and values["exact_n_stable"] >= 0.1 * n
         for key in ("n_chaotic", "n_edge", "n_stable", "n_negative", "n_positive", "n_zero"):
             assert abs(values[key] - values[f"exact_{key}"]) <= 0.02 * n, (step, key)
+
+
+COUNT_KEYS = ("n_chaotic", "n_edge", "n_stable", "n_negative", "n_positive", "n_zero")
+
+
+def both_methods(spectrum, max_steps=2, **monitor_kwargs):
+    """Exact and Lanczos monitors on one diagonal planted Hessian (Rademacher probes of a diagonal matrix
+    weigh every eigenvalue 1/N exactly, so with a full Krylov space the SLQ counts are exact)."""
+    pl.seed_everything(0, verbose=False)
+    logger = MemoryLogger()
+    monitors = [
+        LyapunovSpectrumMonitor(every_n_steps=1, method="exact", **monitor_kwargs),
+        LyapunovSpectrumMonitor(every_n_steps=1, method="lanczos", log_prefix="chaos/lz_", **monitor_kwargs),
+    ]
+    module = QuadraticModule(spectrum, lr=0.2, diagonal=True)
+    trainer(monitors, logger=logger, max_steps=max_steps).fit(module, loader())
+    return logger.chaos(), monitors
+
+
+def test_a_large_spectral_radius_at_a_large_learning_rate_is_counted_by_both_methods():
+    # lr 0.2 (u = 10) and an eigenvalue of 300: ε = 2e-2 · 300 = 6 and the two edge bands meet. The
+    # Lanczos monitor used to fail here (the count brackets raised on overlapping bands); now stable is
+    # empty and edge is the band [−6, 16], as in the exact classification.
+    spectrum = [-20.0, -3.0, 0.0, 2.0, 4.0, 9.0, 12.0, 20.0, 40.0, 300.0]
+    expected = {"n_chaotic": 4, "n_edge": 6, "n_stable": 0, "n_negative": 1, "n_positive": 5, "n_zero": 4}
+    logged, monitors = both_methods(spectrum, slq_steps=10)
+    assert all(m.skipped_steps == 0 for m in monitors)
+    for step in range(2):
+        values = at(logged, step)
+        assert values["spectrum_exact"] == 1.0 and values["lz_spectrum_exact"] == 0.0
+        for key, count in expected.items():
+            assert values[key] == count, (step, key)
+            assert values[f"lz_{key}"] == pytest.approx(count, abs=1e-9), (step, key)
+            assert values[f"lz_{key}_low"] - 1e-9 <= count <= values[f"lz_{key}_high"] + 1e-9, (step, key)
+        assert values["lz_n_stable_low"] == values["lz_n_stable_high"] == 0.0
+        assert values["lle_max"] == values["lz_lle_max"] == pytest.approx(math.log(59.0), abs=1e-9)
+
+
+def test_exact_and_lanczos_counts_use_one_edge_band():
+    # N = 300 with eight distinct eigenvalues at lr 0.2 (u = 10, ρ = 20, ε = 0.4): -0.3, 0.2 and 9.8 are edge
+    # at the default band but chaotic / stable at 1e-5 (the exact method's old default). Both methods now
+    # count them alike.
+    values = [-5.0, -0.3, 0.0, 0.2, 3.0, 9.8, 14.0, 20.0]
+    multiplicity = [20, 30, 100, 50, 60, 20, 15, 5]
+    spectrum = [v for v, m in zip(values, multiplicity, strict=True) for _ in range(m)]
+    expected = {
+        "n_chaotic": 40,
+        "n_edge": 200,
+        "n_stable": 60,
+        "n_negative": 20,
+        "n_positive": 100,
+        "n_zero": 180,
+    }
+    logged, monitors = both_methods(spectrum, max_steps=1, overlaps=False)
+    assert monitors[0].tolerance == monitors[1].tolerance == EDGE_TOLERANCE
+    values = at(logged)
+    assert values["edge_tolerance"] == values["lz_edge_tolerance"] == EDGE_TOLERANCE
+    for key, count in expected.items():
+        assert values[key] == count, key
+        assert values[f"lz_{key}"] == pytest.approx(count, abs=1e-6), key
+    # at the exact method's old band the counts would disagree
+    fine, _ = both_methods(spectrum, max_steps=1, overlaps=False, tolerance=EXACT_EDGE_TOLERANCE)
+    assert (at(fine)["n_chaotic"], at(fine)["n_edge"], at(fine)["n_stable"]) == (70, 100, 130)
