@@ -25,10 +25,10 @@ if str(ROOT) not in sys.path:
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
-import lightning_chaos.callbacks._step as step_module  # noqa: E402
 import lightning_chaos.callbacks.hessian_eigenvalue as monitor_module  # noqa: E402
-import lightning_chaos.core.lyapunov as lyapunov_module  # noqa: E402
-import lightning_chaos.core.probe as probe_module  # noqa: E402
+import lightning_chaos.core.controlled_lyapunov as lyapunov_module  # noqa: E402
+import lightning_chaos.core.functional_loss as probe_module  # noqa: E402
+import lightning_chaos.core.step_curvature as curvature_module  # noqa: E402
 from benchmarks.common import StepTimer, make_trainer, markdown_table, median, quiet, resolve_device  # noqa: E402
 from lightning_chaos import HessianEigenvalueMonitor  # noqa: E402
 from lightning_chaos.data import DigitsDataModule, SyntheticDataModule  # noqa: E402
@@ -37,9 +37,10 @@ from lightning_chaos.models import MLP, Classifier, ResNet18, SmallResNet  # noq
 # (owner, attribute, label, indentation level): the call tree of one monitored step
 COMPONENTS: list[tuple[Any, str, str, int]] = [
     (monitor_module.HessianEigenvalueMonitor, "estimate", "HessianEigenvalueMonitor.estimate (all)", 0),
-    (step_module.StepProbe, "current", "StepProbe.current (build the probe)", 1),
+    # step_curvature as the monitor's module looks it up (it imports the function from callbacks._batch)
+    (monitor_module, "step_curvature", "step_curvature (build the step's curvature)", 1),
     (probe_module.FunctionalLoss, "__init__", "FunctionalLoss.__init__", 2),
-    (step_module.StepProbe, "g0", "StepProbe.g0 (reuse p.grad)", 1),
+    (curvature_module.StepCurvature, "g0", "StepCurvature.g0 (reuse p.grad)", 1),
     (lyapunov_module.HessianEigenEstimator, "step", "HessianEigenEstimator.step", 1),
     (lyapunov_module.ControlledLyapunov, "iterate", "ControlledLyapunov.iterate", 2),
     (probe_module.FunctionalLoss, "gradients", "FunctionalLoss.gradients (one gradient)", 3),

@@ -1,7 +1,8 @@
 """The competitors' methods and the exact references the per-step estimates are compared against.
 
 Hessian-vector products, Lanczos and the dense Hessian are the library's own
-(:mod:`lightning_chaos.core.spectrum`); what is specific to the competitors is kept here:
+(:mod:`lightning_chaos.core.operators`, :mod:`lightning_chaos.core.lanczos`); what is specific to the
+competitors is kept here:
 
 * :func:`hessian_operator`: PyHessian's Hessian-vector products (Yao et al., "PyHessian", 2020) — the
   gradient graph is built once (``create_graph=True``) and every product is one more backward pass through
@@ -14,8 +15,8 @@ Hessian-vector products, Lanczos and the dense Hessian are the library's own
 
 One deliberate difference from PyHessian: it evaluates the model in ``eval()`` mode, which changes the loss
 of BatchNorm networks; here every method differentiates the *training-mode* loss of the batch through the
-library's :class:`~lightning_chaos.core.probe.FunctionalLoss`, so that all methods see exactly the function
-whose curvature the monitor estimates.
+library's :class:`~lightning_chaos.core.functional_loss.FunctionalLoss`, so that all methods see exactly
+the function whose curvature the monitor estimates.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_chaos.core.probe import FunctionalLoss
-from lightning_chaos.core.spectrum import HessianOperator, lanczos_eigenpairs, ritz_values
+from lightning_chaos.core.functional_loss import FunctionalLoss
+from lightning_chaos.core.lanczos import lanczos
+from lightning_chaos.core.operators import HessianOperator
 
 MatVec = Callable[[Tensor], Tensor]
 
@@ -95,7 +97,8 @@ def lanczos_top(op: HessianOperator, steps: int, *, reorthogonalize: bool = True
     reappear as copies, which does not move the largest one.
     """
     start = _random_unit(op.shape[0], seed, op.dtype, op.device)
-    return float(ritz_values(op, steps, v0=start, reorthogonalize=reorthogonalize)[0])
+    runs = lanczos(op, steps, start=start, reorthogonalize=reorthogonalize, keep_basis=False)
+    return float(runs.ritz_values()[0])
 
 
 @dataclass
@@ -127,9 +130,7 @@ def exact_spectrum(hessian: Tensor) -> ExactSpectrum:
     h = 0.5 * (h + h.T)
     values = torch.linalg.eigvalsh(h).flip(0)
     dim = h.shape[0]
-    _, vectors = lanczos_eigenpairs(
-        h, 1, "largest", num_steps=min(dim, 150), v0=_random_unit(dim, 0, h.dtype, h.device)
-    )
+    _, vectors = lanczos(h, min(dim, 150), start=_random_unit(dim, 0, h.dtype, h.device)).ritz_pairs(1)
     vector = vectors[:, 0]
     residual = float(torch.linalg.vector_norm(h @ vector - values[0] * vector)) / max(
         abs(float(values[0])), 1e-30

@@ -35,18 +35,14 @@ from benchmarks.common import (
     timed,
 )
 from lightning_chaos import LyapunovSpectrumMonitor
-from lightning_chaos.callbacks._step import StepProbe
-from lightning_chaos.core.spectrum import (
-    DEFAULT_TOLERANCE,
-    SLQ_TOLERANCE,
-    slq,
-    slq_spectral_counts,
-    spectral_counts,
-)
+from lightning_chaos.callbacks._batch import step_curvature
+from lightning_chaos.core.counts import slq_spectral_counts, spectral_counts
+from lightning_chaos.core.slq import slq
+from lightning_chaos.core.stability import EDGE_TOLERANCE, EXACT_EDGE_TOLERANCE
 from lightning_chaos.data import DigitsDataModule
 from lightning_chaos.models import MLP, Classifier, SmallCNN
 
-TOLERANCES = (DEFAULT_TOLERANCE, 1e-3, 1e-2, SLQ_TOLERANCE)
+TOLERANCES = (EXACT_EDGE_TOLERANCE, 1e-3, 1e-2, EDGE_TOLERANCE)
 COUNTS = ("n_chaotic", "n_edge", "n_stable", "n_negative", "n_positive", "n_zero")
 EXACT_CAPTION = (
     "Worst of the six counts (chaotic, edge, stable, negative, positive, zero), |SLQ − exact| in % of N, "
@@ -102,9 +98,9 @@ class ExactPoint:
 
     step: int
     errors: dict[float, float]  # tolerance -> worst count error / N of the monitor
-    plain_error: float  # the same SLQ without reorthogonalisation, at SLQ_TOLERANCE
+    plain_error: float  # the same SLQ without reorthogonalisation, at EDGE_TOLERANCE
     exact_seconds: float
-    counts: dict[str, float]  # exact counts at SLQ_TOLERANCE
+    counts: dict[str, float]  # exact counts at EDGE_TOLERANCE
 
 
 class ExactCounts(Callback):
@@ -123,23 +119,23 @@ class ExactCounts(Callback):
     ) -> None:
         if trainer.global_step % self.first.every_n_steps != 0:
             return
-        probe = StepProbe.current(trainer, pl_module)
+        probe = step_curvature(trainer, pl_module)
         dim = self.num_params = probe.loss.dim
-        hp = self.first._hyperparameters(optimizer)  # what the monitors classify with
+        sgd = self.first._hyperparameters(optimizer)  # what the monitors classify with
         eigenvalues, seconds = timed(lambda: torch.linalg.eigvalsh(probe.dense().double()), self.device)
-        exact = {tol: spectral_counts(eigenvalues, tolerance=tol, **hp) for tol in TOLERANCES}
+        exact = {tol: spectral_counts(eigenvalues, sgd, tolerance=tol) for tol in TOLERANCES}
         errors = {tol: worst_error(m.latest, exact[tol], dim) for tol, m in self.monitors.items()}
         nodes, weights = slq(
             probe.hessian(), dim, 10, 80, torch.Generator().manual_seed(self.seed), reorthogonalize=False
         )
         scale = float(eigenvalues.abs().max())
-        plain = slq_spectral_counts(nodes, weights, dim, tolerance=SLQ_TOLERANCE, scale=scale, **hp)
+        plain = slq_spectral_counts(nodes, weights, dim, sgd, tolerance=EDGE_TOLERANCE, scale=scale)
         point = ExactPoint(
             trainer.global_step,
             errors,
-            worst_error(plain, exact[SLQ_TOLERANCE], dim),
+            worst_error(plain, exact[EDGE_TOLERANCE], dim),
             seconds,
-            {k: float(v) for k, v in exact[SLQ_TOLERANCE].items()},
+            {k: float(v) for k, v in exact[EDGE_TOLERANCE].items()},
         )
         self.points.append(point)
         progress(
@@ -192,7 +188,7 @@ def run_exact_case(case: ExactCase, device: torch.device, seed: int = 0) -> Exac
     model = Classifier(case.make_net(), lr=case.lr)
     data = DigitsDataModule(batch_size=128, seed=seed, drop_last=True, flatten=case.flatten)
     make_trainer([*monitors.values(), reference], case.steps, device).fit(model, data)
-    slq_seconds = median(monitors[SLQ_TOLERANCE].seconds)
+    slq_seconds = median(monitors[EDGE_TOLERANCE].seconds)
     return ExactRun(case, reference.num_params, reference.points, slq_seconds)
 
 
@@ -200,7 +196,7 @@ def exact_table(runs: list[ExactRun]) -> str:
     """Markdown table (d): worst count error of the monitor's SLQ against the exact counts per tolerance."""
     header = ["network", "lr", "N", "points"]
     header += [f"tolerance {tol:g}: median / max" for tol in TOLERANCES]
-    header += [f"no reorth., {SLQ_TOLERANCE:g}: median / max", "exact step (s)", "SLQ monitor step (s)"]
+    header += [f"no reorth., {EDGE_TOLERANCE:g}: median / max", "exact step (s)", "SLQ monitor step (s)"]
     rows = []
     for run in runs:
         row = [run.case.label, fmt(run.case.lr, "g"), f"{run.num_params:,}", str(len(run.points))]
@@ -254,8 +250,8 @@ class LongReference(Callback):
     ) -> None:
         if trainer.global_step % self.monitor.every_n_steps != 0:
             return
-        probe = StepProbe.current(trainer, pl_module)
-        dim, hp = probe.loss.dim, self.monitor._hyperparameters(optimizer)
+        probe = step_curvature(trainer, pl_module)
+        dim, sgd = probe.loss.dim, self.monitor._hyperparameters(optimizer)
         self.result.num_params = dim
         runs, seconds = {}, {}
         for m in sorted(self.result.steps, reverse=True):  # same probes: the shorter run is a prefix
@@ -268,7 +264,7 @@ class LongReference(Callback):
         nodes, weights = runs[max(runs)]
         scale = float(nodes[weights > 0].abs().max())
         counts = {
-            m: slq_spectral_counts(n, w, dim, tolerance=SLQ_TOLERANCE, scale=scale, **hp)
+            m: slq_spectral_counts(n, w, dim, sgd, tolerance=EDGE_TOLERANCE, scale=scale)
             for m, (n, w) in runs.items()
         }
         monitor = {k: self.monitor.latest[k] for k in COUNTS}

@@ -45,7 +45,7 @@ from benchmarks.common import (
 )
 from benchmarks.reference import exact_spectrum, hessian_operator, lanczos_top, power_iteration
 from lightning_chaos import HessianEigenvalueMonitor
-from lightning_chaos.callbacks._step import StepProbe
+from lightning_chaos.callbacks._batch import step_curvature
 from lightning_chaos.data import DigitsDataModule, SyntheticDataModule
 from lightning_chaos.models import MLP, Classifier, ResNet18, SmallResNet
 
@@ -315,7 +315,7 @@ class ReferencePoint(Callback):
     ) -> None:
         if trainer.global_step not in self.steps:
             return
-        probe = StepProbe.current(trainer, pl_module)
+        probe = step_curvature(trainer, pl_module)
         loss = probe.loss
         dim, dtype = loss.dim, loss.params[0].dtype
         self.num_params = dim

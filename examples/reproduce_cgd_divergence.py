@@ -39,9 +39,10 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from lightning_chaos import CGD, CGDCurvature, TrajectoryDivergence
-from lightning_chaos.callbacks._step import StepProbe, record_batch
+from lightning_chaos.callbacks._batch import record_batch, step_curvature
 from lightning_chaos.core.divergence import default_init_distance, sampled_init_distances
-from lightning_chaos.core.spectrum import classify_eigenvalues
+from lightning_chaos.core.sgd import SGDHyperparameters
+from lightning_chaos.core.stability import EXACT_EDGE_TOLERANCE, classify_eigenvalues
 from lightning_chaos.data import DigitsDataModule
 from lightning_chaos.models import MLP, Classifier
 
@@ -125,9 +126,10 @@ class SpectrumCounts(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         """Count from the exact spectrum of this step's batch."""
-        values, _ = StepProbe.current(trainer, pl_module).eigh()
+        values, _ = step_curvature(trainer, pl_module).eigh()
         group = optimizer.param_groups[0]
-        masks = classify_eigenvalues(values, group["lr"], momentum=group["momentum"])
+        sgd = SGDHyperparameters(lr=group["lr"], momentum=group["momentum"])
+        masks = classify_eigenvalues(values, sgd, EXACT_EDGE_TOLERANCE)  # CGD's band
         step = trainer.global_step
         self.rows["n_negative"][step] = int(masks["negative"].sum())
         self.rows["n_beyond_edge"][step] = int((masks["chaotic"] & masks["positive"]).sum())

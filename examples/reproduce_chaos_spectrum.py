@@ -46,9 +46,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from lightning_chaos import LyapunovSpectrumMonitor, TangentMapMonitor
-from lightning_chaos.core.probe import FunctionalLoss
+from lightning_chaos.core.functional_loss import FunctionalLoss
+from lightning_chaos.core.operators import HessianOperator
 from lightning_chaos.core.projection import random_subspace_overlap, subspace_overlap
-from lightning_chaos.core.spectrum import HessianOperator, classify_eigenvalues
+from lightning_chaos.core.sgd import SGDHyperparameters
+from lightning_chaos.core.stability import EXACT_EDGE_TOLERANCE, classify_eigenvalues
 from lightning_chaos.data import DigitsDataModule
 from lightning_chaos.models import MLP, Classifier, SmallCNN
 from lightning_chaos.plot import read_scalars
@@ -98,9 +100,11 @@ def train(name: str, run: Run, steps: int, every: int, out: Path) -> Path:
     pl.seed_everything(0, verbose=False)
     every = every * run.every_factor
     logger = TensorBoardLogger(out, name=name, version=0)
+    # the band examples/lyapunov_spectrum.md was measured with (the default is now EDGE_TOLERANCE = 2e-2)
+    band = {"tolerance": EXACT_EDGE_TOLERANCE}
     callbacks = [
-        LyapunovSpectrumMonitor(every_n_steps=every, reference_step=10),
-        LyapunovSpectrumMonitor(every_n_steps=every, reference_step=steps // 2, log_prefix="late/"),
+        LyapunovSpectrumMonitor(every_n_steps=every, reference_step=10, **band),
+        LyapunovSpectrumMonitor(every_n_steps=every, reference_step=steps // 2, log_prefix="late/", **band),
         TangentMapMonitor(**run.tangent),
     ]
     model = Classifier(run.net(), lr=run.lr, momentum=run.momentum)
@@ -138,7 +142,8 @@ def batch_noise_overlap(run: Run, logdir: Path, num_batches: int = 4) -> tuple[f
         loss = FunctionalLoss(model, lambda batch=batch: model.curvature_loss(batch))
         hessian = HessianOperator(loss, loss.params).to_dense()
         h, v = torch.linalg.eigh(0.5 * (hessian + hessian.T))
-        bases.append(v[:, classify_eigenvalues(h, run.lr, momentum=run.momentum)["chaotic"]])
+        sgd = SGDHyperparameters(lr=run.lr, momentum=run.momentum)
+        bases.append(v[:, classify_eigenvalues(h, sgd, EXACT_EDGE_TOLERANCE)["chaotic"]])
     pairs = [(a, b) for i, a in enumerate(bases) for b in bases[i + 1 :]]
     n = bases[0].shape[0]
     overlap = mean([subspace_overlap(a, b) for a, b in pairs])

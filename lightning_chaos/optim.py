@@ -250,6 +250,11 @@ class CGD(Optimizer):
             closure: re-evaluates the loss and its gradient (Lightning passes one that also runs the
                 callbacks' ``on_before_optimizer_step``); called with gradients enabled, before the base step.
 
+        A closure that returns ``None`` and leaves no gradient is Lightning's skipped batch
+        (``training_step`` returned ``None``: Lightning skips backward but still calls ``step``). There is
+        no update to project then: nothing is stepped or projected (not even a momentum buffer), no
+        curvature is needed, and the step is not counted.
+
         Returns:
             The closure's return value (``None`` without closure).
 
@@ -263,6 +268,8 @@ class CGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         curvature, self._curvature = self._curvature, None
+        if closure is not None and loss is None and not self._has_gradients():
+            return None  # a skipped batch: the base step would change nothing (no gradient)
         if curvature is None:
             raise RuntimeError(_MISSING_CURVATURE)
         params = curvature.loss.params
@@ -310,6 +317,9 @@ class CGD(Optimizer):
         if len(rates) != 1:
             raise ValueError(f"CGD needs one learning rate shared by all param groups, got {sorted(rates)}")
         return SGDHyperparameters(lr=rates.pop())
+
+    def _has_gradients(self) -> bool:
+        return any(p.grad is not None for group in self.param_groups for p in group["params"])
 
     def _project_buffers(self, params: list[Tensor], basis: Tensor) -> None:
         """``v ← v − V (Vᵀ v)`` for SGD's momentum buffers of ``params`` (a missing buffer counts as zero)."""

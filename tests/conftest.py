@@ -3,7 +3,7 @@ import urllib.request
 
 import pytest
 import torch
-from torch import nn
+from helpers import Quadratic, planted_spectrum  # noqa: F401  (tests/test_benchmarks.py imports them here)
 
 
 @pytest.fixture
@@ -16,34 +16,6 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
-
-
-class Quadratic(nn.Module):
-    """L(θ) = ½ θᵀAθ + bᵀθ with A = U diag(h) Uᵀ: every curvature quantity is known in closed form."""
-
-    def __init__(self, eigenvalues, seed=0, dtype=torch.float64):
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        h = torch.as_tensor(eigenvalues, dtype=dtype)
-        n = h.numel()
-        u = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=dtype)).Q
-        self.register_buffer("A", u @ torch.diag(h) @ u.T)
-        self.register_buffer("b", torch.randn(n, generator=gen, dtype=dtype))
-        self.theta = nn.Parameter(torch.randn(n, generator=gen, dtype=dtype))
-        self.eigenvalues = torch.sort(h, descending=True).values
-        self.eigenvectors = u
-
-    def forward(self):
-        return 0.5 * self.theta @ self.A @ self.theta + self.b @ self.theta
-
-
-def planted_spectrum(n=40, top=(10.0, 8.0, 7.0), bottom=-3.0, seed=0):
-    """Eigenvalues with a known top-3, a known most negative one and the rest in (bottom, 5)."""
-    gen = torch.Generator().manual_seed(seed + 100)
-    rest = torch.rand(n - len(top) - 1, generator=gen, dtype=torch.float64) * 5.0 + bottom * 0.6
-    return torch.cat(
-        [torch.tensor(top, dtype=torch.float64), torch.tensor([bottom], dtype=torch.float64), rest]
-    )
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -159,6 +159,25 @@ def loss_closure(pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> C
     return compute_training_step
 
 
+def skipped_backward(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    """Whether Lightning skipped this step's backward pass because ``training_step`` returned ``None``.
+
+    Lightning then still calls ``on_before_optimizer_step`` (and, without a loss scaler, ``optimizer.step``),
+    but after zeroing the gradients and computing none: in automatic optimization without gradient
+    accumulation no trainable parameter has a gradient. The optimizer changes nothing on such a step (an
+    SGD update without gradient is the identity), so there is no step to probe.
+    """
+    return (
+        pl_module.automatic_optimization
+        and trainer.accumulate_grad_batches == 1
+        and all(p.grad is None for _, p in trainable_parameters(pl_module))
+    )
+
+
+def _no_loss() -> None:
+    return None
+
+
 def _sub_batch(batch: Any, fraction: float) -> Any:
     def head(t: Tensor) -> Tensor:
         return t[: max(1, math.ceil(fraction * t.shape[0]))] if t.dim() > 0 else t
@@ -176,7 +195,9 @@ def step_curvature(
     probe then uses the last micro-batch and recomputes), the full batch, and a gradient present on every
     trainable parameter. The loss runs under the precision plugin's autocast; with a GradScaler its
     gradients are taken of the scaled loss and unscaled; with several processes they are averaged
-    across ranks (``trainer.strategy.reduce``), like DDP averages the training gradient.
+    across ranks (``trainer.strategy.reduce``), like DDP averages the training gradient. On a step whose
+    backward Lightning skipped (:func:`skipped_backward`) the loss is ``None`` even when the module defines
+    ``curvature_loss``: every evaluation raises :class:`~lightning_chaos.core.functional_loss.NoLossError`.
 
     Args:
         trainer: the trainer.
@@ -199,9 +220,10 @@ def step_curvature(
             reduced: Tensor = trainer.strategy.reduce(t.clone(), reduce_op="mean")
             return reduced
 
+    skipped = skipped_backward(trainer, pl_module)
     loss = FunctionalLoss(
         pl_module,
-        loss_closure(pl_module, batch, record.batch_idx),
+        _no_loss if skipped else loss_closure(pl_module, batch, record.batch_idx),
         named,
         rng_state=record.rng,
         context=trainer.precision_plugin.forward_context,

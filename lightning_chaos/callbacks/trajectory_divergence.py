@@ -22,7 +22,13 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_chaos.callbacks._base import ProbeCallback, log_values
-from lightning_chaos.callbacks._batch import BatchRecord, current_record, loss_closure, step_curvature
+from lightning_chaos.callbacks._batch import (
+    BatchRecord,
+    current_record,
+    loss_closure,
+    skipped_backward,
+    step_curvature,
+)
 from lightning_chaos.callbacks._checks import choice_arg, int_arg, number_arg, sgd_of, single_optimizer
 from lightning_chaos.core.divergence import (
     DIRECTIONS,
@@ -33,7 +39,7 @@ from lightning_chaos.core.divergence import (
     sampled_init_distances,
     twin_directions,
 )
-from lightning_chaos.core.functional_loss import FunctionalLoss
+from lightning_chaos.core.functional_loss import FunctionalLoss, NoLossError
 from lightning_chaos.core.params import flatten, trainable_parameters, unflatten
 from lightning_chaos.core.stability import EXACT_EDGE_TOLERANCE
 from lightning_chaos.core.step_curvature import StepCurvature
@@ -94,7 +100,9 @@ class TrajectoryDivergence(ProbeCallback):
 
     A twin whose distance turns NaN/inf (its loss diverged) or whose CGD meets a non-finite Hessian is
     marked in :attr:`diverged` and no longer stepped or logged (the main run goes on); its fit uses the
-    distances before that point.
+    distances before that point. A batch whose ``training_step`` returned ``None`` (Lightning skips it: the
+    main run does not move) is skipped by the twins too: nothing is logged for it, it is counted in
+    ``skipped_steps`` (warned once) and t counts the updates actually taken.
 
     Not supported (clear error): gradient accumulation, manual optimization, fp16 with a loss scaler,
     several optimizers, sharded strategies.
@@ -183,6 +191,9 @@ class TrajectoryDivergence(ProbeCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         """Log ``d(t)``, then take this step with every twin (the main run's update follows)."""
+        if skipped_backward(trainer, pl_module):  # training_step returned None: the run takes no step either
+            self.skip(trainer, NoLossError("training_step returned None: Lightning skipped this batch"))
+            return
         values: dict[str, float] = {}
         if not self._twins:
             values.update(self._start(trainer, pl_module, optimizer))

@@ -136,7 +136,33 @@ def _flat_grad_with_graph(loss_fn: LossFn, params: Sequence[Tensor]) -> tuple[li
     with torch.enable_grad(), second_order_context():
         loss = _scalar(loss_fn(ps))
         grads = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
-    return ps, flatten(filled(grads, ps))
+    flat_grad = flatten(filled(grads, ps))
+    if _once_differentiable(flat_grad):
+        raise SecondOrderError(
+            "a second-order product failed: the gradient passes through a backward marked "
+            "@once_differentiable (a custom autograd.Function without double backward)"
+        )
+    return ps, flat_grad
+
+
+def _once_differentiable(tensor: Tensor) -> bool:
+    """Whether the graph of ``tensor`` holds the error node of a ``@once_differentiable`` backward.
+
+    That node hangs off detached copies, not off the parameters: autograd never reaches it when
+    differentiating again with respect to them, and the second derivatives through it would come out as
+    zero instead of an error.
+    """
+    stack = [] if tensor.grad_fn is None else [tensor.grad_fn]
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.name() == "torch::autograd::Error":
+            return True
+        stack.extend(child for child, _ in node.next_functions if child is not None)
+    return False
 
 
 def _vjp_of_grad(ps: list[Tensor], flat_grad: Tensor, cotangents: Tensor, batched: bool) -> Tensor:
@@ -289,9 +315,16 @@ class HessianOperator:
                 return _vjp_of_grad(ps, flat_grad, block.T, batched=True)
             except (RuntimeError, NotImplementedError) as err:
                 self._batching_works = False
+                # the loop raises (SecondOrderError) when the products themselves fail, not their batching:
+                # that is no batching failure to warn about
+                looped = self._loop(block)
                 warnings.warn(
                     f"batched Hessian products failed ({err}); falling back to a loop", stacklevel=3
                 )
+                return looped
+        return self._loop(block)
+
+    def _loop(self, block: Tensor) -> Tensor:
         return torch.stack([self._hvp(block[:, i]) for i in range(block.shape[1])], dim=1)
 
     def _check(self, x: Tensor, ndim: int) -> Tensor:

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import F64, orthonormal
 
 from lightning_chaos.core.projection import (
     gradient_overlaps,
@@ -11,49 +12,8 @@ from lightning_chaos.core.projection import (
     project_out,
     projector,
     random_subspace_overlap,
-    select_directions,
     subspace_overlap,
 )
-from lightning_chaos.core.spectrum import local_lyapunov_exponents
-from lightning_chaos.core.tangent import sgd_tangent_map
-
-F64 = torch.float64
-
-
-def orthonormal(n, k, seed):
-    q, _ = torch.linalg.qr(torch.randn(n, k, generator=torch.Generator().manual_seed(seed), dtype=F64))
-    return q
-
-
-# planted spectrum for lr = 0.5 (2/γ = 4): indices 0-2 negative, 3-4 exact-zero noise, 5-7 stable,
-# 8 on the edge 2/γ, 9-10 beyond it
-H = torch.tensor([-3.0, -1.0, -0.1, -1e-8, 1e-8, 0.5, 2.0, 3.5, 4.0, 4.5, 6.0], dtype=F64)
-
-
-@pytest.mark.parametrize(
-    ("strategy", "removed"),
-    [("chaotic", [0, 1, 2, 9, 10]), ("negative", [0, 1, 2]), ("positive", [9, 10])],
-)
-def test_select_directions_by_strategy(strategy, removed):
-    mask = select_directions(H, 0.5, strategy)
-    assert mask.dtype == torch.bool
-    assert mask.nonzero().flatten().tolist() == removed
-    # every removed direction has a positive LLE; edge directions (3, 4, 8) are kept
-    assert (local_lyapunov_exponents(H[mask], 0.5) > 0).all()
-    assert not mask[[3, 4, 8]].any()
-
-
-def test_select_directions_with_momentum_moves_the_upper_boundary():
-    # heavy ball μ = 0.5: stable for 0 < h < 2(1 + μ)/γ = 6
-    mask = select_directions(H, 0.5, "positive", momentum=0.5)
-    assert mask.nonzero().flatten().tolist() == []
-    mask = select_directions(torch.tensor([5.9, 6.1], dtype=F64), 0.5, "chaotic", momentum=0.5)
-    assert mask.tolist() == [False, True]
-
-
-def test_select_directions_rejects_unknown_strategy():
-    with pytest.raises(ValueError, match=r"strategy.*'chaotic', 'negative', 'positive'.*'everything'"):
-        select_directions(H, 0.5, "everything")
 
 
 def test_project_out_matches_the_explicit_projector():
@@ -72,27 +32,6 @@ def test_project_out_matches_the_explicit_projector():
     assert torch.equal(project_out(vector, basis[:, :0]), vector)
     with pytest.raises(ValueError, match="shape"):
         project_out(vector, basis[:5])
-
-
-def test_cgd_projection_removes_every_chaotic_lle():
-    # seed 001, A.7: with P projecting out the chaotic eigenvectors, the modified map I − γ P H has the
-    # removed directions at multiplier 1 (LLE 0) and keeps the others' 1 − γ h.
-    lr = 0.5
-    u = orthonormal(H.numel(), H.numel(), seed=2)
-    hessian = (u * H) @ u.T
-    removed = select_directions(H, lr, "chaotic")
-    p = projector(u[:, removed])
-    modified = torch.eye(H.numel(), dtype=F64) - lr * p @ hessian
-    multipliers = torch.linalg.eigvals(modified)
-    assert float(multipliers.abs().max()) <= 1 + lr * 1e-8 + 1e-12  # the edge direction h = -1e-8 is kept
-    expected = torch.where(removed, torch.ones_like(H), 1 - lr * H).sort().values
-    torch.testing.assert_close(multipliers.real.sort().values, expected, rtol=0, atol=1e-10)
-    # the projected SGD update has no component along removed eigenvectors
-    gradient = torch.randn(H.numel(), generator=torch.Generator().manual_seed(3), dtype=F64)
-    update = project_out(-lr * gradient, u[:, removed])
-    assert float((u[:, removed].T @ update).abs().max()) < 1e-14
-    assert torch.allclose(u[:, ~removed].T @ update, u[:, ~removed].T @ (-lr * gradient), rtol=0, atol=1e-14)
-    assert not torch.allclose(sgd_tangent_map(hessian, lr), modified)
 
 
 def test_subspace_overlap_properties():

@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_chaos import HessianEigenvalueMonitor, InverseCurvatureLR
-from lightning_chaos.callbacks._step import StepProbe
+from lightning_chaos.callbacks._batch import step_curvature
 
 
 def fit(callbacks, module=None, max_steps=6, **kwargs):
@@ -46,7 +46,7 @@ class RecordLR(Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.used.append(optimizer.param_groups[0]["lr"])
-        self.gradients.append(StepProbe.current(trainer, pl_module).loss.num_gradients)
+        self.gradients.append(step_curvature(trainer, pl_module).loss.num_gradients)
 
 
 @pytest.mark.parametrize("order", ["monitor_first", "lr_first"])
@@ -86,7 +86,7 @@ def test_a_scheduler_is_refused():
 
 
 def test_skipped_steps_keep_the_previous_rate():
-    from test_hessian_eigenvalue_monitor import Diverging
+    from .test_hessian_eigenvalue import Diverging
 
     record, cb = RecordLR(), InverseCurvatureLR(ema=0.0, warmup_iters=2, lr_min=1e4, lr_max=1e4)  # diverges
     metrics, _ = fit([cb, record], module=Diverging(), max_steps=8)

@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_chaos import HessianEigenvalueMonitor, InverseCurvatureLR
-from lightning_chaos.callbacks._step import _RECORD
+from lightning_chaos.callbacks._batch import _RECORD
 
 
 class Counting(nn.Module):
@@ -70,7 +70,7 @@ class PassCounter(Callback):
         self.forwards.append(self.net.calls - self._forward - 1)  # minus the training forward
         self.backwards.append(self.backward_calls["n"] - self._backward)
         record = getattr(trainer, _RECORD, None)
-        probes = record.probes.values() if record is not None and record.batch is batch else []
+        probes = record.curvatures.values() if record is not None and record.batch is batch else []
         self.gradients.append(sum(p.loss.num_gradients for p in probes))
 
 

@@ -3,13 +3,23 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import Exploding, MemoryLogger, QuadraticModule, TinyModule, loader, trainer
+from helpers import (
+    Exploding,
+    MemoryLogger,
+    MetricModule,
+    QuadraticModule,
+    TinyModule,
+    assert_same_training,
+    fit_state,
+    loader,
+    trainer,
+)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from test_hessian_eigenvalue_monitor import fit_state
 
 from lightning_chaos import TangentMapMonitor
-from lightning_chaos.core.tangent import sgd_tangent_map
+from lightning_chaos.core.sgd import SGDHyperparameters
+from lightning_chaos.core.tangent_map import sgd_tangent_map
 
 F64 = torch.float64
 
@@ -110,8 +120,9 @@ def test_accumulated_map_of_a_tiny_mlp_is_the_explicit_product(momentum):
             product = (torch.eye(n, dtype=F64) - lr * hessian) @ product
     else:  # Y_T = Π J_t [I; 0] on (δθ, δv), the first map with torch's buffer initialisation
         product = torch.cat([torch.eye(n, dtype=F64), torch.zeros(n, n, dtype=F64)])
+        sgd = SGDHyperparameters(lr=lr, momentum=momentum)
         for t, hessian in enumerate(record.hessians):
-            product = sgd_tangent_map(hessian, lr, momentum, first_step=t == 0) @ product
+            product = sgd_tangent_map(hessian, sgd.at_first_step() if t == 0 else sgd) @ product
     q, r = torch.linalg.qr(product)
     sign = torch.sign(torch.diagonal(r))
     torch.testing.assert_close(monitor.lyapunov.frame, q * sign, rtol=0, atol=1e-10)
@@ -142,15 +153,19 @@ def test_k_columns_follow_the_product_applied_to_the_initial_frame():
     assert monitor.lyapunov.mlce_bound() == pytest.approx(sum(exact) / steps, rel=1e-6)
 
 
-def test_monitor_leaves_training_bit_identical():
-    plain = fit_state([])
+@pytest.mark.parametrize("module_cls", [TinyModule, MetricModule], ids=["tiny", "torchmetrics"])
+def test_monitor_leaves_training_bit_identical(module_cls):
+    plain = fit_state([], module_cls=module_cls)
     full, columns = TangentMapMonitor(), TangentMapMonitor(num_columns=4, log_prefix="tk/")
-    watched = fit_state([full, columns])
+    watched = fit_state([full, columns], module_cls=module_cls)
     for key in plain[0]:
         assert torch.equal(plain[0][key], watched[0][key]), key
     assert all(torch.equal(a, b) for a, b in zip(plain[1], watched[1]))
     assert torch.equal(plain[2], watched[2])
     assert torch.equal(plain[3], watched[3])
+    assert_same_training(plain, watched)  # with MetricModule: the metric's state and update count too
+    if module_cls is MetricModule:
+        assert plain[4]["train_acc"][1] == 6
     assert full.lyapunov.num_steps == columns.lyapunov.num_steps == 6
 
 

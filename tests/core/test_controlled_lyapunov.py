@@ -2,11 +2,11 @@ import math
 
 import pytest
 import torch
-from conftest import Quadratic, planted_spectrum
+from helpers import Quadratic, planted_spectrum
 from torch import nn
 
-from lightning_chaos.core.lyapunov import ControlledLyapunov, HessianEigenEstimator
-from lightning_chaos.core.probe import FunctionalLoss
+from lightning_chaos.core.controlled_lyapunov import ControlledLyapunov, HessianEigenEstimator
+from lightning_chaos.core.functional_loss import FunctionalLoss
 
 
 def quadratic_loss(model):

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_chaos.core.functional_loss import FunctionalLoss, NoLossError, RNGState
 from lightning_chaos.core.params import flatten, unflatten
-from lightning_chaos.core.probe import FunctionalLoss, RNGState
 
 
 def dropout_bn_net():
@@ -108,6 +108,36 @@ def test_dict_output_with_loss_key():
     x = torch.randn(4, 3)
     fl = FunctionalLoss(net, lambda: {"loss": net(x).sum(), "other": 1})
     assert fl.gradient().shape == (4,)
+
+
+@pytest.mark.parametrize("output", [None, {"other": 1}])
+def test_a_closure_without_a_loss_raises_no_loss_error(output):
+    # a training_step that returns None (or a dict without "loss") tells Lightning to skip the batch
+    net = nn.Linear(3, 1)
+    fl = FunctionalLoss(net, lambda: output)
+    with pytest.raises(NoLossError, match="returned None"):
+        fl.gradient()
+    with pytest.raises(NoLossError):
+        fl.gradients(torch.zeros(fl.dim, 2))
+    assert not issubclass(NoLossError, (RuntimeError, ValueError))  # not mistaken for a numerical failure
+
+
+def test_update_buffers_lets_the_evaluation_update_running_statistics():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4))
+    x = torch.randn(16, 5)
+    before = net[1].running_mean.clone()
+    probe = FunctionalLoss(net, lambda: net(x).pow(2).mean())
+    probe.gradient()
+    assert torch.equal(net[1].running_mean, before)  # the default works on clones
+    twin = FunctionalLoss(net, lambda: net(x).pow(2).mean(), update_buffers=True)
+    twin.gradient()
+    reference = nn.BatchNorm1d(4)
+    reference.running_mean.copy_(before)
+    with torch.no_grad():
+        reference(net[0](x))  # one training forward pass of the same BatchNorm
+    torch.testing.assert_close(net[1].running_mean, reference.running_mean)
+    assert int(net[1].num_batches_tracked) == 1
 
 
 class TiedNet(nn.Module):

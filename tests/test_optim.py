@@ -1,45 +1,17 @@
-"""CGD against the explicit projection of the base update; its Lightning, scheduler and checkpoint wiring."""
+"""CGD against the explicit projection of the base update, in plain PyTorch (Lightning: callbacks/)."""
 
 import copy
 import functools
-from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import MemoryLogger, TinyModule, loader, trainer
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from helpers import F64, cgd_step, loss_of, tanh_net
+from helpers import cgd_batch as batch
 from torch import nn
 
-from lightning_chaos import CGD, CGDCurvature, TrajectoryDivergence
-from lightning_chaos.callbacks import _step
-from lightning_chaos.callbacks._step import StepProbe
-from lightning_chaos.core.probe import FunctionalLoss
-
-F64 = torch.float64
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def tanh_net(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(F64)
-
-
-def batch(seed=1, n=32):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 5, generator=gen, dtype=F64), torch.randint(0, 3, (n,), generator=gen)
-
-
-def loss_of(net, x, y):
-    return nn.functional.cross_entropy(net(x), y)
-
-
-def cgd_step(opt, net, x, y):
-    """One plain-PyTorch CGD step on the batch (x, y): backward, curvature, step."""
-    opt.zero_grad()
-    loss_of(net, x, y).backward()
-    opt.set_curvature(FunctionalLoss(net, lambda: loss_of(net, x, y)))
-    opt.step()
+from lightning_chaos import CGD
+from lightning_chaos.core.functional_loss import FunctionalLoss
+from lightning_chaos.core.step_curvature import StepCurvature
 
 
 def explicit_hessian(net, x, y):
@@ -217,6 +189,15 @@ def test_missing_curvature_and_bad_arguments_are_clear_errors():
     ]:
         with pytest.raises(ValueError, match=name):
             CGD(sgd, **kwargs)
+    # the messages of lightning_chaos.core.validation: the argument, what is allowed, the value given
+    with pytest.raises(ValueError, match=r"^`strategy` must be one of 'chaotic', .*; got 'chaos'\.$"):
+        CGD(sgd, strategy="chaos")
+    with pytest.raises(ValueError, match=r"^`k` must be an integer >= 1, got 0\.$"):
+        CGD(sgd, k=0)
+    with pytest.raises(ValueError, match=r"^`tolerance` must be a number in \[0\.0, inf\), got -1\.0\.$"):
+        CGD(sgd, tolerance=-1.0)
+    with pytest.raises(ValueError, match="either a base optimizer or parameters"):
+        CGD(sgd, base=functools.partial(torch.optim.SGD, lr=0.1))
     with pytest.raises(TypeError, match="base optimizer"):
         CGD(net.parameters())
     with pytest.raises(TypeError, match="other than CGD"):
@@ -250,150 +231,58 @@ def test_built_from_params_and_a_base_factory_like_lightning_cli():
     assert clone.optimizer is not opt.optimizer and clone.param_groups[0]["lr"] == 0.3
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Lightning
+def test_a_step_curvature_is_accepted_and_shared_with_other_consumers():
+    net = tanh_net()
+    x, y = batch()
+    curvature = StepCurvature(FunctionalLoss(net, lambda: loss_of(net, x, y)))
+    evals = curvature.eigh()[0]  # another consumer computed the eigendecomposition first
+    opt = CGD(torch.optim.SGD(net.parameters(), lr=0.5), strategy="negative")
+    opt.zero_grad()
+    loss_of(net, x, y).backward()
+    opt.set_curvature(curvature)
+    opt.step()
+    torch.testing.assert_close(opt.removed_eigenvalues, evals[evals < -1e-5 * evals.abs().max()])
+    with pytest.raises(TypeError, match="FunctionalLoss or a StepCurvature"):
+        opt.set_curvature(lambda: loss_of(net, x, y))
 
 
-class CGDModule(TinyModule):
-    def __init__(self, strategy="chaotic", scheduler=False, every_n_steps=1, **kwargs):
-        super().__init__(**kwargs)
-        self.strategy, self.scheduler, self.every_n_steps = strategy, scheduler, every_n_steps
-
-    def configure_optimizers(self):
-        base = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
-        opt = CGD(base, strategy=self.strategy, every_n_steps=self.every_n_steps)
-        if not self.scheduler:
-            return opt
-        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+def test_other_base_optimizers_use_their_shared_learning_rate():
+    net = tanh_net()
+    opt = CGD(torch.optim.Adam(net.parameters(), lr=0.01), strategy="negative")
+    sgd = opt.hyperparameters()
+    assert (sgd.lr, sgd.momentum, sgd.weight_decay) == (0.01, 0.0, 0.0)
+    cgd_step(opt, net, *batch())
+    assert opt.num_steps == 1 and opt.last_removed > 0
+    groups = [{"params": list(net.parameters())[:2]}, {"params": list(net.parameters())[2:], "lr": 0.1}]
+    with pytest.raises(ValueError, match="one learning rate"):
+        CGD(torch.optim.Adam(groups, lr=0.01)).hyperparameters()
 
 
-class CountDense(Callback):
-    """Another chaos callback that needs the step's eigendecomposition (as LyapunovSpectrumMonitor does)."""
+def test_a_closure_without_loss_or_gradient_is_a_skipped_step():
+    # Lightning's closure of a training_step that returned None: zero_grad, no backward, no loss
+    net = tanh_net()
+    opt = CGD(torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9), strategy="negative")
+    cgd_step(opt, net, *batch(seed=3))  # fills the momentum buffers
+    before = flat(net)
+    buffers = [opt.state[p]["momentum_buffer"].clone() for p in net.parameters()]
+    opt.set_curvature(FunctionalLoss(net, lambda: None))  # what CGDCurvature hands over on such a step
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        _step.record_batch(trainer, batch, batch_idx)
+    def closure():
+        opt.zero_grad()
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        StepProbe.current(trainer, pl_module).eigh()
+    assert opt.step(closure) is None
+    assert torch.equal(flat(net), before) and opt.num_steps == 1
+    assert all(torch.equal(b, opt.state[p]["momentum_buffer"]) for b, p in zip(buffers, net.parameters()))
+    assert opt.step(closure) is None  # no curvature needed either
+    # a closure that runs backward but returns nothing is a real step: it needs (and uses) the curvature
+    x, y = batch(seed=4)
 
+    def backward_only():
+        opt.zero_grad()
+        loss_of(net, x, y).backward()
 
-def test_lightning_cgd_matches_the_plain_loop_and_shares_the_eigendecomposition(monkeypatch):
-    calls = []
-    original = _step.HessianOperator.to_dense
-    monkeypatch.setattr(
-        _step.HessianOperator, "to_dense", lambda *a, **k: calls.append(1) or original(*a, **k)
-    )
-    pl.seed_everything(0, verbose=False)
-    module = CGDModule(lr=2.0, momentum=0.5, scheduler=True, curvature_loss=True)
-    initial = copy.deepcopy(module.net)
-    logger = MemoryLogger()
-    trainer([CountDense(), CGDCurvature(), LearningRateMonitor()], logger=logger, max_steps=4).fit(
-        module, loader(shuffle=False)
-    )
-    assert len(calls) == 4  # one dense Hessian per step for both callbacks and CGD
-    removed = logger.metrics["chaos/cgd_removed"]
-    assert sorted(removed) == [0, 1, 2, 3] and min(removed.values()) > 0
-    assert all(0 < r < 1 for r in logger.metrics["chaos/cgd_update_ratio"].values())
-    assert list(logger.metrics["lr-SGD"].values()) == [2.0, 2.0, 1.0, 1.0]  # StepLR acts through the base
-    # the same four steps (one epoch) in a plain loop
-    net = initial
-    opt = CGD(torch.optim.SGD(net.parameters(), lr=2.0, momentum=0.5), strategy="chaotic")
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-    for x, y in loader(shuffle=False):
-        cgd_step(opt, net, x, y)
-        sched.step()
-    for p, q in zip(module.net.parameters(), net.parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
-
-
-def test_lightning_without_the_callback_or_without_cgd_says_what_to_add():
     with pytest.raises(RuntimeError, match="CGDCurvature"):
-        trainer([], max_steps=1).fit(CGDModule(), loader())
-    with pytest.warns(UserWarning, match="no CGD optimizer"):
-        trainer([CGDCurvature()], max_steps=1).fit(TinyModule(), loader())
-
-
-def test_lightning_resume_is_exact(tmp_path):
-    def run(ckpt_path=None):
-        pl.seed_everything(0, verbose=False)
-        logger = MemoryLogger()
-        ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-        module = CGDModule(strategy="negative", every_n_steps=3, lr=0.5, momentum=0.9)
-        tr = trainer(
-            [CGDCurvature(), ckpt], logger=logger, max_steps=-1, max_epochs=2, enable_checkpointing=True
-        )
-        tr.fit(module, loader(shuffle=False), ckpt_path=ckpt_path)
-        return logger.chaos(), module
-
-    full, full_module = run()
-    resumed, resumed_module = run(ckpt_path=tmp_path / "epoch=0.ckpt")
-    assert set(resumed["chaos/cgd_removed"]) == {4, 5, 6, 7}
-    for key, values in resumed.items():
-        for step, value in values.items():
-            assert full[key][step] == value, (key, step)
-    for p, q in zip(full_module.parameters(), resumed_module.parameters()):
-        assert torch.equal(p, q)
-
-
-INPUT_SHAPES = {"digits": "[64]", "usps": "[1, 16, 16]", "fashionmnist": "[1, 28, 28]"}
-
-
-def cli(configs, tmp_path, *extra):
-    """LightningCLI over the given YAML configs with the data replaced by synthetic tensors (no download)."""
-    from lightning.pytorch import LightningDataModule
-    from lightning.pytorch.cli import LightningCLI
-
-    from lightning_chaos.models import Classifier
-
-    shape = INPUT_SHAPES[configs[0].name.split("_")[0]]
-    args = [arg for config in configs for arg in ("--config", str(config))]
-    args += ["--data", "lightning_chaos.data.SyntheticDataModule", "--data.init_args.input_shape", shape]
-    args += ["--data.init_args.num_classes", "10", "--data.init_args.num_samples", "128"]
-    args += ["--model.init_args.num_classes", "10"]  # what lightning-chaos's CLI links from the data
-    args += [
-        "--trainer.logger.init_args.save_dir",
-        str(tmp_path),
-        "--trainer.default_root_dir",
-        str(tmp_path),
-    ]
-    args += list(extra)
-    return LightningCLI(
-        Classifier,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        run=False,
-        save_config_callback=None,
-        args=args,
-    )
-
-
-def test_yaml_configs_instantiate_with_lightning_cli(tmp_path):
-    configs = sorted(EXAMPLES.glob("*_cgd*.yaml"))
-    assert {c.name.split("_")[0] for c in configs} == set(INPUT_SHAPES)
-    for config in configs:
-        built = cli([config], tmp_path)
-        names = {type(c).__name__ for c in built.trainer.callbacks}
-        if "divergence" in config.name:
-            assert {"CGDCurvature", "TrajectoryDivergence"} <= names, config.name
-        else:
-            assert "CGDCurvature" in names and isinstance(built.model.configure_optimizers(), CGD), (
-                config.name
-            )
-    # the digits pair composed: CGD from the first file, the twins from the second
-    built = cli([EXAMPLES / "digits_mlp_cgd.yaml", EXAMPLES / "digits_mlp_cgd_divergence.yaml"], tmp_path)
-    assert isinstance(built.model.configure_optimizers(), CGD)
-    assert any(isinstance(c, TrajectoryDivergence) for c in built.trainer.callbacks)
-    # the digits CGD config trains (two steps, strategy overridden from the command line)
-    built = cli(
-        [EXAMPLES / "digits_mlp_cgd.yaml"],
-        tmp_path,
-        "--trainer.max_steps",
-        "2",
-        "--optimizer.init_args.strategy",
-        "negative",
-    )
-    built.trainer.fit(built.model, built.datamodule)
-    optimizer = built.trainer.optimizers[0]
-    assert isinstance(optimizer, CGD) and optimizer.strategy == "negative" and optimizer.num_steps == 2
+        opt.step(backward_only)
+    opt.set_curvature(FunctionalLoss(net, lambda: loss_of(net, x, y)))
+    opt.step(backward_only)
+    assert opt.num_steps == 2 and not torch.equal(flat(net), before)

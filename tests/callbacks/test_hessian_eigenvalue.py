@@ -10,7 +10,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_chaos import HessianEigenvalueMonitor
-from lightning_chaos.callbacks._step import StepProbe, check_supported
+from lightning_chaos.callbacks._batch import step_curvature
+from lightning_chaos.callbacks._checks import check_supported
 
 
 def fit_state(callbacks, precision="32-true", curvature_loss=False, max_steps=6, **module_kwargs):
@@ -44,7 +45,7 @@ class CheckProbe(Callback):
         self.checked = 0
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        probe = StepProbe.current(trainer, pl_module)
+        probe = step_curvature(trainer, pl_module)
         assert probe.reuses_gradient
         torch.testing.assert_close(probe.g0(), probe.loss.gradient(), rtol=0, atol=1e-6)
         self.checked += 1
@@ -240,13 +241,13 @@ class CheckSharedSpectrum(Callback):
         self.checked = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        from lightning_chaos.callbacks._step import record_batch
+        from lightning_chaos.callbacks._batch import record_batch
 
         record_batch(trainer, batch, batch_idx)
         self.batch = batch
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        probe = StepProbe.current(trainer, pl_module)
+        probe = step_curvature(trainer, pl_module)
         evals, evecs = probe.eigh()
         assert probe.eigh()[0] is evals  # cached: computed once per step
         params = dict(pl_module.named_parameters())

@@ -11,14 +11,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_chaos import CGD, CGDCurvature, TrajectoryDivergence
-from lightning_chaos.callbacks.trajectory_divergence import DIRECTIONS
-from lightning_chaos.core.divergence import (
-    default_init_distance,
-    fit_divergence,
-    random_walk_distance,
-    sampled_init_distances,
-)
-from lightning_chaos.core.spectrum import local_lyapunov_exponents
+from lightning_chaos.core.divergence import DIRECTIONS, default_init_distance, random_walk_distance
 
 
 class CGDTiny(TinyModule):
@@ -101,7 +94,7 @@ def test_directions_follow_the_exact_spectrum_of_the_first_step():
         return nn.functional.cross_entropy(torch.func.functional_call(model.net, net_pieces, (x,)), y)
 
     evals, evecs = torch.linalg.eigh(torch.func.hessian(flat_loss)(flat(model)).double())
-    lle = local_lyapunov_exponents(evals, 0.5)
+    lle = torch.log((1 - 0.5 * evals).abs())  # plain SGD at γ = 0.5: LLE = log|1 − γh|
     top, bottom = evecs[:, lle.argmax()], evecs[:, lle.argmin()]
     assert abs(float(div.perturbations["max_chaotic"] @ top)) == pytest.approx(1.0, abs=1e-4)
     assert abs(float(div.perturbations["max_non_chaotic"] @ bottom)) == pytest.approx(1.0, abs=1e-4)
@@ -188,52 +181,48 @@ def test_unsupported_setups_and_bad_arguments():
             TrajectoryDivergence(**kwargs)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# core.divergence
+class DirectParameter(TinyModule):
+    """A parameter held by the LightningModule itself: no submodule's reset_parameters() re-draws it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def _loss(self, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x) * self.scale, y)
 
 
-def test_seed_a8_init_distance_is_sqrt2_too_large():
-    mlp = nn.Sequential(nn.Linear(784, 20), nn.ReLU(), nn.Linear(20, 10))
-    expected = math.sqrt(2 / 3 * (20 + 20 / 784 + 10 + 10 / 20))
-    assert default_init_distance(mlp) == pytest.approx(expected, rel=1e-12)
-    assert expected == pytest.approx(4.5111, abs=1e-4)
-    seed_value = math.sqrt(4 * 30 / 3 + 4 * 20 / (3 * 784) + 4 * 10 / (3 * 20))  # A.8's own expression
-    assert seed_value == pytest.approx(6.38, abs=5e-3) and seed_value / expected == pytest.approx(
-        math.sqrt(2)
+class NoRedraw(TinyModule):
+    """Only Linear layers (analytic baseline known), one of which cannot be re-drawn."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.net[0].reset_parameters = None
+
+
+@pytest.mark.parametrize(
+    ("module_cls", "analytic"),
+    [(DirectParameter, False), (NoRedraw, True)],
+    ids=["direct_parameter", "analytic_only"],
+)
+def test_parameters_no_reset_parameters_redraws_leave_out_the_sampled_baseline(module_cls, analytic):
+    logger = MemoryLogger()
+    div = TrajectoryDivergence(directions=["random", "max_chaotic"], init_samples=4)
+    with pytest.warns(UserWarning, match="no sampled init distance.*cannot re-draw parameter") as caught:
+        fit([div], module_cls, logger=logger)
+    chaos = logger.chaos()
+    assert div.init_distance_sampled is None and "chaos/divergence/init_distance_sampled" not in chaos
+    if analytic:  # every trainable parameter belongs to a Linear: the analytic baseline is still reported
+        assert div.init_distance == pytest.approx(default_init_distance(TinyModule()), rel=1e-12)
+        assert chaos["chaos/divergence/init_distance"] == {0: div.init_distance}
+    else:  # the module's own parameter has no known default initialisation either
+        assert div.init_distance is None and "chaos/divergence/init_distance" not in chaos
+        assert any(
+            "no analytic init distance" in str(w.message) and "'scale'" in str(w.message) for w in caught
+        )
+    # the twins ran anyway
+    assert set(div.distances) == {"random", "max_chaotic"} and all(
+        len(d) == 7 for d in div.distances.values()
     )
-
-
-def test_analytic_init_distance_matches_sampling():
-    model = nn.Sequential(
-        nn.Conv2d(1, 4, 3),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 6 * 6, 10),
-        nn.Linear(10, 3),
-    )
-    state = torch.get_rng_state()
-    samples = sampled_init_distances(model, num_pairs=400, seed=1)
-    assert torch.equal(state, torch.get_rng_state())  # the global stream is untouched
-    rms = float(samples.pow(2).mean().sqrt())
-    # E d² is exact; its sampling error is std(d²)/√n
-    stderr = float(samples.pow(2).std() / math.sqrt(samples.numel())) / (2 * rms)
-    assert abs(rms - default_init_distance(model)) < 4 * stderr
-    with pytest.raises(ValueError, match="Bilinear"):
-        default_init_distance(nn.Bilinear(2, 2, 1))
-
-
-def test_fit_recovers_a_planted_divergence_law():
-    t = torch.arange(50, dtype=torch.float64)
-    a, b = fit_divergence(torch.sqrt(0.3**2 * t**2 + 2.0 * t))
-    assert a == pytest.approx(0.3, rel=1e-9) and b == pytest.approx(2.0, rel=1e-9)
-    a, b = fit_divergence(torch.sqrt(5.0 * t))  # pure diffusion: a = 0 under the b >= 0, a² >= 0 constraint
-    assert a == pytest.approx(0.0, abs=1e-6) and b == pytest.approx(5.0, rel=1e-9)
-
-
-def test_random_walk_distance_matches_simulation():
-    gen = torch.Generator().manual_seed(0)
-    steps, dim, sigma = 30, 50, 0.2
-    walks = torch.randn(2000, 2, steps, dim, generator=gen, dtype=torch.float64) * sigma
-    d = (walks[:, 0].sum(1) - walks[:, 1].sum(1)).norm(dim=1)
-    assert float(d.pow(2).mean().sqrt()) == pytest.approx(random_walk_distance(steps, dim, sigma), rel=0.02)
+    assert sorted(chaos["chaos/divergence/random"]) == list(range(7))

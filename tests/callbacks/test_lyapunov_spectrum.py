@@ -4,19 +4,22 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from helpers import Exploding, MemoryLogger, QuadraticModule, TinyModule, loader, trainer
+from helpers import (
+    Exploding,
+    MemoryLogger,
+    MetricModule,
+    QuadraticModule,
+    TinyModule,
+    assert_same_training,
+    fit_state,
+    loader,
+    trainer,
+)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from test_hessian_eigenvalue_monitor import fit_state
 
 from lightning_chaos import LyapunovSpectrumMonitor
-from lightning_chaos.core.spectrum import (
-    DEFAULT_TOLERANCE,
-    SLQ_TOLERANCE,
-    lanczos_eigenpairs,
-    slq,
-    slq_spectral_counts,
-)
+from lightning_chaos.core.stability import EDGE_TOLERANCE, EXACT_EDGE_TOLERANCE
 
 # γ = 0.2: 2/γ = 10; 1/γ = 5 is avoided (its LLE is -inf); two exact zeros and one h = 2/γ exactly.
 PLANTED = [-3.0, -0.5, 0.0, 0.0, 0.3, 1.0, 4.0, 4.5, 9.0, 10.0, 12.0, 20.0]
@@ -35,11 +38,12 @@ def at(values, step=0):
 
 
 @pytest.mark.parametrize(
-    "sgd, counts, lle_max, lle_min",
+    "sgd, tolerance, counts, lle_max, lle_min",
     [
         # plain SGD: chaotic h < 0 or h > 10, edge = the zeros and h = 10, LLE = log|1 - 0.2 h|
         (
             {"lr": 0.2},
+            EXACT_EDGE_TOLERANCE,
             {"n_chaotic": 4, "n_edge": 3, "n_stable": 5, "n_negative": 2, "n_positive": 8, "n_zero": 2},
             math.log(3.0),
             math.log(0.1),
@@ -47,17 +51,29 @@ def at(values, step=0):
         # weight decay is part of the map: h + 0.25 moves the zeros into the stable set, 10 beyond 2/γ
         (
             {"lr": 0.2, "weight_decay": 0.25},
+            EXACT_EDGE_TOLERANCE,
             {"n_chaotic": 5, "n_edge": 0, "n_stable": 7, "n_negative": 2, "n_positive": 10, "n_zero": 0},
             math.log(abs(1 - 0.2 * 20.25)),
             math.log(abs(1 - 0.2 * 4.75)),
         ),
+        # the default band (EDGE_TOLERANCE, was 1e-5 for the exact method): ε = 2e-2 · 20 = 0.4 also takes
+        # h = 0.3 into the edge; -0.5 stays chaotic
+        (
+            {"lr": 0.2},
+            None,
+            {"n_chaotic": 4, "n_edge": 4, "n_stable": 4, "n_negative": 2, "n_positive": 7, "n_zero": 3},
+            math.log(3.0),
+            math.log(0.1),
+        ),
     ],
 )
-def test_planted_quadratic_counts_and_lles_are_the_closed_form(sgd, counts, lle_max, lle_min):
-    module, logged = run_planted(LyapunovSpectrumMonitor(every_n_steps=1), **sgd)
+def test_planted_quadratic_counts_and_lles_are_the_closed_form(sgd, tolerance, counts, lle_max, lle_min):
+    kwargs = {} if tolerance is None else {"tolerance": tolerance}
+    module, logged = run_planted(LyapunovSpectrumMonitor(every_n_steps=1, **kwargs), **sgd)
     for step in range(3):
         values = at(logged, step)
-        assert values["spectrum_exact"] == 1.0 and values["edge_tolerance"] == DEFAULT_TOLERANCE
+        expected_tolerance = EDGE_TOLERANCE if tolerance is None else tolerance
+        assert values["spectrum_exact"] == 1.0 and values["edge_tolerance"] == expected_tolerance
         assert {k: values[k] for k in counts} == counts
         assert values["lle_max"] == pytest.approx(lle_max, abs=1e-12)
         assert values["lle_min"] == pytest.approx(lle_min, abs=1e-12)
@@ -81,7 +97,8 @@ def test_momentum_exponents_are_the_2x2_block_formula():
         assert values["lle_max"] == pytest.approx(max(exponents), abs=1e-12)
         assert values["lle_min"] == pytest.approx(min(exponents), abs=1e-12)
         assert values["lle_min"] == pytest.approx(0.5 * math.log(mu))  # a complex pair: |z| = √μ
-        assert (values["n_chaotic"], values["n_edge"], values["n_stable"]) == (3, 2, 7)
+        # default band ε = 2e-2 · 20 = 0.4 (was 1e-5: (3, 2, 7)): the zeros and h = 0.3 are edge
+        assert (values["n_chaotic"], values["n_edge"], values["n_stable"]) == (3, 3, 6)
         assert values["n_chaotic"] == sum(e > 1e-9 for e in exponents)
 
 
@@ -100,7 +117,8 @@ class CheckOverlaps(Callback):
         assert latest["grad_overlap_top"] == pytest.approx(float(cos[h.argmax()]), abs=1e-12)
         assert latest["grad_overlap_min"] == pytest.approx(float(cos[h.argmin()]), abs=1e-12)
         shifted = h + self.weight_decay
-        positive, negative = shifted > 1e-3, shifted < -1e-3
+        eps = self.monitor.tolerance * float(h.abs().max())  # the monitor's band (default 2e-2, was 1e-5)
+        positive, negative = shifted > eps, shifted < -eps
         assert latest["grad_overlap_positive"] == pytest.approx(float(cos[positive].mean()), abs=1e-12)
         assert latest["grad_overlap_negative"] == pytest.approx(float(cos[negative].mean()), abs=1e-12)
         self.checked += 1
@@ -117,22 +135,37 @@ def test_gradient_overlaps_with_the_planted_eigenvectors(weight_decay):
     assert check.checked == 3
 
 
+# The classes of PLANTED at γ = 0.2 and the default band ε = 2e-2 · 20 = 0.4, by index (written out).
+PLANTED_CLASSES = {
+    "n_chaotic": [0, 1, 10, 11],
+    "n_edge": [2, 3, 4, 9],
+    "n_stable": [5, 6, 7, 8],
+    "n_negative": [0, 1],
+    "n_positive": [5, 6, 7, 8, 9, 10, 11],
+    "n_zero": [2, 3, 4],
+}
+
+
 def test_lanczos_method_reports_slq_counts_and_names_the_method():
     monitor = LyapunovSpectrumMonitor(
         every_n_steps=1, method="lanczos", num_eigenpairs=3, slq_steps=12, seed=5
     )
     module, logged = run_planted(monitor, max_steps=2, lr=0.2)
-    a, n = module.A, 12
-    generator = torch.Generator().manual_seed(5)  # the monitor's draws, repeated offline on the exact matrix
+    n, u = 12, module.eigenvectors
+    # slq_steps = N: each probe's Gauss rule is exact, so the SLQ count of a class is the Hutchinson estimate
+    # N · mean_p Σ_{i ∈ class} (u_iᵀ z_p)² / ‖z_p‖² of the monitor's Rademacher probes z_p. The oracle replays
+    # the monitor's generator (one Gaussian Lanczos start vector, then 10 probes, per step) and uses the
+    # planted eigenvectors; no function of the package computes it.
+    generator = torch.Generator().manual_seed(5)
     for step in range(2):
         values = at(logged, step)
-        ritz, _ = lanczos_eigenpairs(a, 3, "both", num_steps=12, generator=generator)
-        nodes, weights = slq(a, n, 10, 12, generator)
-        scale = max(float(ritz.abs().max()), float(nodes[weights > 0].abs().max()))
-        expected = slq_spectral_counts(nodes, weights, n, 0.2, SLQ_TOLERANCE, scale=scale)
-        assert values["spectrum_exact"] == 0.0 and values["edge_tolerance"] == SLQ_TOLERANCE
-        for key, value in expected.items():
-            assert values[key] == pytest.approx(value, abs=1e-8), key
+        torch.randn(n, 1, generator=generator, dtype=torch.float64)  # the eigenpair run's start vector
+        z = torch.randint(0, 2, (n, 10), generator=generator).to(torch.float64) * 2 - 1
+        mass = (u.T @ (z / z.norm(dim=0))) ** 2  # (N, P)
+        assert values["spectrum_exact"] == 0.0 and values["edge_tolerance"] == EDGE_TOLERANCE
+        for key, index in PLANTED_CLASSES.items():
+            expected = float(n * mass[index].sum(0).mean())
+            assert values[key] == pytest.approx(expected, abs=1e-8), key
             assert values[f"{key}_low"] - 1e-9 <= values[key] <= values[f"{key}_high"] + 1e-9, key
         # with a full Krylov space the extreme Ritz values are exact: lle_max is the closed form
         assert values["lle_max"] == pytest.approx(math.log(3.0), abs=1e-9)
@@ -142,16 +175,22 @@ def test_lanczos_method_reports_slq_counts_and_names_the_method():
     assert at(logged)["spectrum_exact"] == 0.0
 
 
-def test_monitors_leave_training_bit_identical():
-    plain = fit_state([])
+@pytest.mark.parametrize("module_cls", [TinyModule, MetricModule], ids=["tiny", "torchmetrics"])
+def test_monitors_leave_training_bit_identical(module_cls):
+    # MetricModule: no curvature_loss, so the probe re-runs training_step, which updates a torchmetrics
+    # MulticlassAccuracy: its state and update count must be those of the run without the monitors
+    plain = fit_state([], module_cls=module_cls)
     exact = LyapunovSpectrumMonitor(every_n_steps=2)
     lanczos = LyapunovSpectrumMonitor(every_n_steps=3, method="lanczos", slq_steps=20, log_prefix="lz/")
-    watched = fit_state([exact, lanczos])
+    watched = fit_state([exact, lanczos], module_cls=module_cls)
     for key in plain[0]:
         assert torch.equal(plain[0][key], watched[0][key]), key  # weights and BatchNorm buffers
     assert all(torch.equal(a, b) for a, b in zip(plain[1], watched[1]))  # optimizer state
     assert torch.equal(plain[2], watched[2])  # global RNG stream after training
     assert torch.equal(plain[3], watched[3])
+    assert_same_training(plain, watched)  # all of the above and the metrics' states and update counts
+    if module_cls is MetricModule:
+        assert plain[4]["train_acc"][1] == 6  # one update per training step
     assert exact.latest["spectrum_exact"] == 1.0 and lanczos.latest["spectrum_exact"] == 0.0
 
 
@@ -263,7 +302,7 @@ def test_slq_counts_of_a_digits_mlp_are_within_two_percent_of_n_of_the_exact_cou
     logger = MemoryLogger()
     lanczos = LyapunovSpectrumMonitor(every_n_steps=300, method="lanczos", overlaps=False)
     exact = LyapunovSpectrumMonitor(
-        every_n_steps=300, method="exact", tolerance=SLQ_TOLERANCE, overlaps=False, log_prefix="chaos/exact_"
+        every_n_steps=300, method="exact", tolerance=EDGE_TOLERANCE, overlaps=False, log_prefix="chaos/exact_"
     )
     module = Classifier(MLP(64, (32, 32), 10, activation=activation), lr=0.1)
     trainer([lanczos, exact], logger=logger, max_steps=301, limit_val_batches=0).fit(
@@ -274,8 +313,71 @@ def test_slq_counts_of_a_digits_mlp_are_within_two_percent_of_n_of_the_exact_cou
     for step in (0, 300):
         values = at(logger.chaos(), step)
         assert values["spectrum_exact"] == 0.0 and values["exact_spectrum_exact"] == 1.0
-        assert values["edge_tolerance"] == values["exact_edge_tolerance"] == SLQ_TOLERANCE
+        assert values["edge_tolerance"] == values["exact_edge_tolerance"] == EDGE_TOLERANCE
         if step == 0:  # the hard case: a dense spectrum through 0, a third of it outside the edge band
             assert values["exact_n_chaotic"] >= 0.1 * n and values["exact_n_stable"] >= 0.1 * n
         for key in ("n_chaotic", "n_edge", "n_stable", "n_negative", "n_positive", "n_zero"):
             assert abs(values[key] - values[f"exact_{key}"]) <= 0.02 * n, (step, key)
+
+
+COUNT_KEYS = ("n_chaotic", "n_edge", "n_stable", "n_negative", "n_positive", "n_zero")
+
+
+def both_methods(spectrum, max_steps=2, **monitor_kwargs):
+    """Exact and Lanczos monitors on one diagonal planted Hessian (Rademacher probes of a diagonal matrix
+    weigh every eigenvalue 1/N exactly, so with a full Krylov space the SLQ counts are exact)."""
+    pl.seed_everything(0, verbose=False)
+    logger = MemoryLogger()
+    monitors = [
+        LyapunovSpectrumMonitor(every_n_steps=1, method="exact", **monitor_kwargs),
+        LyapunovSpectrumMonitor(every_n_steps=1, method="lanczos", log_prefix="chaos/lz_", **monitor_kwargs),
+    ]
+    module = QuadraticModule(spectrum, lr=0.2, diagonal=True)
+    trainer(monitors, logger=logger, max_steps=max_steps).fit(module, loader())
+    return logger.chaos(), monitors
+
+
+def test_a_large_spectral_radius_at_a_large_learning_rate_is_counted_by_both_methods():
+    # lr 0.2 (u = 10) and an eigenvalue of 300: ε = 2e-2 · 300 = 6 and the two edge bands meet. The
+    # Lanczos monitor used to fail here (the count brackets raised on overlapping bands); now stable is
+    # empty and edge is the band [−6, 16], as in the exact classification.
+    spectrum = [-20.0, -3.0, 0.0, 2.0, 4.0, 9.0, 12.0, 20.0, 40.0, 300.0]
+    expected = {"n_chaotic": 4, "n_edge": 6, "n_stable": 0, "n_negative": 1, "n_positive": 5, "n_zero": 4}
+    logged, monitors = both_methods(spectrum, slq_steps=10)
+    assert all(m.skipped_steps == 0 for m in monitors)
+    for step in range(2):
+        values = at(logged, step)
+        assert values["spectrum_exact"] == 1.0 and values["lz_spectrum_exact"] == 0.0
+        for key, count in expected.items():
+            assert values[key] == count, (step, key)
+            assert values[f"lz_{key}"] == pytest.approx(count, abs=1e-9), (step, key)
+            assert values[f"lz_{key}_low"] - 1e-9 <= count <= values[f"lz_{key}_high"] + 1e-9, (step, key)
+        assert values["lz_n_stable_low"] == values["lz_n_stable_high"] == 0.0
+        assert values["lle_max"] == values["lz_lle_max"] == pytest.approx(math.log(59.0), abs=1e-9)
+
+
+def test_exact_and_lanczos_counts_use_one_edge_band():
+    # N = 300 with eight distinct eigenvalues at lr 0.2 (u = 10, ρ = 20, ε = 0.4): -0.3, 0.2 and 9.8 are edge
+    # at the default band but chaotic / stable at 1e-5 (the exact method's old default). Both methods now
+    # count them alike.
+    values = [-5.0, -0.3, 0.0, 0.2, 3.0, 9.8, 14.0, 20.0]
+    multiplicity = [20, 30, 100, 50, 60, 20, 15, 5]
+    spectrum = [v for v, m in zip(values, multiplicity, strict=True) for _ in range(m)]
+    expected = {
+        "n_chaotic": 40,
+        "n_edge": 200,
+        "n_stable": 60,
+        "n_negative": 20,
+        "n_positive": 100,
+        "n_zero": 180,
+    }
+    logged, monitors = both_methods(spectrum, max_steps=1, overlaps=False)
+    assert monitors[0].tolerance == monitors[1].tolerance == EDGE_TOLERANCE
+    values = at(logged)
+    assert values["edge_tolerance"] == values["lz_edge_tolerance"] == EDGE_TOLERANCE
+    for key, count in expected.items():
+        assert values[key] == count, key
+        assert values[f"lz_{key}"] == pytest.approx(count, abs=1e-6), key
+    # at the exact method's old band the counts would disagree
+    fine, _ = both_methods(spectrum, max_steps=1, overlaps=False, tolerance=EXACT_EDGE_TOLERANCE)
+    assert (at(fine)["n_chaotic"], at(fine)["n_edge"], at(fine)["n_stable"]) == (70, 100, 130)
