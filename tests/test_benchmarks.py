@@ -21,7 +21,7 @@ from benchmarks.reference import (  # noqa: E402
 )
 from benchmarks.run import write_block  # noqa: E402
 from lightning_chaos.core.params import unflatten  # noqa: E402
-from lightning_chaos.core.probe import FunctionalLoss  # noqa: E402
+from lightning_chaos.core.functional_loss import FunctionalLoss  # noqa: E402
 
 
 @pytest.fixture(scope="module")

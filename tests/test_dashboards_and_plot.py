@@ -29,12 +29,22 @@ class CGDModule(TinyModule):
 RUNS = {
     "curvature": (
         lambda: [
-            HessianEigenvalueMonitor(warmup_iters=3, top_k=2, most_negative=True),
+            HessianEigenvalueMonitor(top_k=2, most_negative=True),  # a warm-up that converges: lr is set
             InverseCurvatureLR(),
             LearningRateMonitor(),
         ],
         TinyModule,
-        {"chaos/": [d.LAMBDA, d.INVERSE_CURVATURE, d.EIGENVALUES, d.PROBE]},
+        {
+            "chaos/": [
+                d.LAMBDA,
+                d.INVERSE_CURVATURE,
+                d.EIGENVALUES,
+                d.PROBE,
+                d.CONVERGED,
+                d.COUNTERS,
+                d.DELTA_Q,
+            ]
+        },
     ),
     "spectrum": (
         lambda: [LyapunovSpectrumMonitor(every_n_steps=2), TangentMapMonitor()],
@@ -61,7 +71,7 @@ RUNS = {
         {
             "chaos/": [d.COUNTS, d.LLE, d.SPECTRUM],
             "b/": [d.COUNTS, d.LLE, d.OVERLAPS, d.SPECTRUM],
-            "c/": [d.LAMBDA, d.INVERSE_CURVATURE, d.EIGENVALUES, d.PROBE],
+            "c/": [d.LAMBDA, d.INVERSE_CURVATURE, d.EIGENVALUES, d.PROBE, d.CONVERGED, d.COUNTERS, d.DELTA_Q],
         },
     ),
 }

@@ -241,8 +241,10 @@ class HessianEigenvalueMonitor(ProbeCallback):
         before = loss.num_gradients
         reuse = self.reuse_gradient or not curvature.reuses_gradient
         g0 = curvature.g0() if reuse else loss.gradient()
+        extra = loss.num_gradients - before  # g(θ), when this step computed it
         estimate = self._estimator.step(curvature, g0=g0)
-        estimate.num_gradients = loss.num_gradients - before  # g(θ) included when this step computed it
+        estimate.num_gradients += extra
+        estimate.cost += extra
         if estimate.warmup_products:
             self.warmup_iterations = estimate.warmup_products
         return estimate

@@ -31,12 +31,13 @@ class InverseCurvatureLR(ProbeCallback):
     .. math:: \bar h_t = \text{ema}\,\bar h_{t-1} + (1 - \text{ema})\,h_{0,t}, \qquad
               \text{lr}_t = \operatorname{clamp}(\text{scale} / \bar h_t,\ \text{lr\_min},\ \text{lr\_max})
 
-    (``h̄`` starts at the first estimate it uses). Only converged estimates are used
-    (``chaos/h0_converged = 1``, see :class:`HessianEigenvalueMonitor`): an unconverged h0 is typically
-    too low and would raise the rate. Unconverged, skipped and non-computed steps keep the previous rate
-    (counted as ``lr_held_steps``); before the first converged estimate the optimizer's own rate is used.
-    ``use_unconverged=True`` uses every valid estimate instead (the paper's rule; ``lr_held_steps`` then
-    counts skipped steps only).
+    (``h̄`` starts at the first estimate it uses). Converged estimates (``chaos/h0_converged = 1``, see
+    :class:`HessianEigenvalueMonitor`) are always used. An unconverged h0 is a Ritz value of too small a
+    Krylov space: a lower bound of h0 for exact products, typically too low otherwise. It is used only
+    when it exceeds the average, i.e. it may lower the rate (the curvature rose at least that much) but
+    never raise it. Other unconverged, skipped and non-computed steps keep the previous rate (counted as
+    ``lr_held_steps``); before the first converged estimate the optimizer's own rate is used.
+    ``use_unconverged=True`` uses every valid estimate instead (the paper's rule).
 
     Only ``torch.optim.SGD`` is supported (``MisconfigurationException`` at fit start otherwise): ``1/h0``
     is the Newton step of the SGD update; an adaptive optimizer such as Adam preconditions the update,
@@ -63,7 +64,7 @@ class InverseCurvatureLR(ProbeCallback):
         lr_max: upper clamp of the rate, > 0 (``inf``: none).
         estimator: which estimate drives the rate: ``"ritz"`` (the top Ritz value, logged as ``h0``) or
             ``"lyapunov"`` (``(e^λ − 1)/β`` of the step's first iteration, logged as ``h0_lyapunov``).
-        use_unconverged: also act on estimates that did not converge.
+        use_unconverged: act on unconverged estimates in both directions.
         every_n_steps: owned monitor only, see :class:`HessianEigenvalueMonitor`.
         n_iter: owned monitor only.
         products: owned monitor only.
@@ -165,8 +166,12 @@ class InverseCurvatureLR(ProbeCallback):
         if estimate is None:
             return
         h0 = estimate.h0 if self.estimator == "ritz" else estimate.h0_lyapunov
-        usable = estimate.valid and (estimate.converged or self.use_unconverged)
-        if usable and math.isfinite(h0) and h0 > 0:
+        usable = estimate.valid and math.isfinite(h0) and h0 > 0
+        if usable and not (estimate.converged or self.use_unconverged):
+            # an unconverged Ritz value is (for exact products) a lower bound of h0: it may only say that
+            # the curvature rose above the average, never that it fell
+            usable = self.h0_ema is not None and h0 > self.h0_ema
+        if usable:
             self.h0_ema = h0 if self.h0_ema is None else self.ema * self.h0_ema + (1 - self.ema) * h0
             self.lr = min(max(self.scale / self.h0_ema, self.lr_min), self.lr_max)
             for group in optimizer.param_groups:

@@ -56,6 +56,8 @@ from lightning_chaos.core.step_curvature import StepCurvature
 from lightning_chaos.core.validation import check_choice, check_int, check_number
 
 __all__ = [
+    "CALIBRATION_DIRECTIONS",
+    "CHECK_DIRECTIONS",
     "GRAPH_COST",
     "HVP_COST",
     "PRODUCTS",
@@ -332,6 +334,13 @@ HVP_COST = 2.0
 """Gradient-equivalents charged for one exact Hessian-vector product (a backward pass through a gradient
 graph, which is about twice the size of the forward graph; measured in ``benchmarks/README.md``)."""
 
+CALIBRATION_DIRECTIONS = 3
+"""Random directions (besides the top Ritz vector) along which the warm-up compares finite differences
+with exact products: kinks crossed within Δq hit a random direction as often as the top one."""
+
+CHECK_DIRECTIONS = 2
+"""Random directions (besides the warm direction) of each periodic Δq check."""
+
 GRAPH_COST = 1.0
 """Gradient-equivalents charged for building the gradient graph (``create_graph=True``) of a step."""
 
@@ -397,7 +406,7 @@ class FiniteDifferenceScale:
         >>> probe = DirectionProbe(lambda dq: (grad(dq * u) - grad(0 * u)) / dq, a @ u, scale=3.62)
         >>> scale = FiniteDifferenceScale(delta_max=0.5, tol=1e-2)
         >>> scale.calibrate([probe]), scale.delta_q, scale.exact
-        (2, 0.125, False)
+        (3, 0.125, False)
     """
 
     def __init__(self, delta_max: float = 5e-2, tol: float = 2e-2, rungs: int = 8) -> None:
@@ -416,9 +425,11 @@ class FiniteDifferenceScale:
     def calibrate(self, probes: list[DirectionProbe]) -> int:
         """Choose Δq from the ladder by comparing finite differences with exact products.
 
-        Starts at the current Δq. If it passes, tries one rung up when it passes by a wide margin
-        (``e ≤ tol/4``: less cancellation); if it fails, walks down until a rung passes, stopping early
-        when the error grows twice in a row (rounding dominates below).
+        A rung passes when the worst error over the probes is ``≤ tol`` at it *and* at the next smaller
+        rung: a smooth loss's finite difference converges as Δq shrinks, whereas a kink crossed at one
+        scale shows as an error that does not. Starts at the current Δq. If it passes, tries one rung up
+        when it passes by a wide margin (``e ≤ tol/4``: less cancellation); if it fails, walks down until a
+        rung passes, stopping early when the error grows twice in a row (rounding dominates below).
 
         Args:
             probes: the directions, each with its exact image.
@@ -428,30 +439,31 @@ class FiniteDifferenceScale:
         """
         self.num_checks += 1
         spent = 0
+        ladder = self.ladder()
 
-        def error(delta: float) -> float:
+        def error(index: int) -> float:
             nonlocal spent
             worst = 0.0
-            for probe in probes:
-                e, cost = probe.error(delta)
-                worst, spent = max(worst, e), spent + cost
-                if worst > self.tol:  # the other directions cannot rescue this rung
-                    break
+            for rung in (index, index + 1) if index + 1 < len(ladder) else (index,):
+                for probe in probes:
+                    e, cost = probe.error(ladder[rung])
+                    worst, spent = max(worst, e), spent + cost
+                    if worst > self.tol:  # nothing else can rescue this rung
+                        return worst
             return worst
 
-        ladder = self.ladder()
         start = min(range(len(ladder)), key=lambda i: abs(math.log(ladder[i] / self.delta_q)))
-        current = error(ladder[start])
+        current = error(start)
         if current <= self.tol:
             if current <= self.tol / 4 and start > 0:
-                up = error(ladder[start - 1])
+                up = error(start - 1)
                 if up <= self.tol:
                     start, current = start - 1, up
             self.delta_q, self.error, self.exact = ladder[start], current, False
             return spent
         best, best_error, rising, previous = start, current, 0, current
         for index in range(start + 1, len(ladder)):
-            e = error(ladder[index])
+            e = error(index)
             if e <= self.tol:
                 self.delta_q, self.error, self.exact = ladder[index], e, False
                 return spent
@@ -689,6 +701,14 @@ class HessianEigenEstimator:
 
         return finite_difference
 
+    def _representable(self, loss: FunctionalLoss, direction: Tensor) -> bool:
+        """Whether ``θ + Δq·u`` carries the perturbation ``Δq·u`` to within 1 % in the parameters' dtype."""
+        delta = (self.scale.delta_q if self.products == "auto" else self.scale.delta_max) * self._length(loss)
+        theta = loss.theta()
+        step = delta * direction.to(theta)
+        realized = (theta + step) - theta
+        return bool(torch.linalg.vector_norm(realized - step) <= 1e-2 * torch.linalg.vector_norm(step))
+
     def _probe(
         self, curvature: StepCurvature, g0: Tensor, direction: Tensor, image: Tensor, scale: float
     ) -> DirectionProbe:
@@ -705,13 +725,14 @@ class HessianEigenEstimator:
     def _random_direction(self, like: Tensor) -> Tensor:
         return torch.randn(like.numel(), generator=self._probe_generator, dtype=torch.float64).to(like)
 
-    def _max_products(self, curvature: StepCurvature, exact: bool, available: float, spent: float) -> int:
-        """Products this step may use: what the credit pays for, within ``[block, n_iter + block − 1]``."""
+    def _max_products(
+        self, curvature: StepCurvature, end: ControlledLyapunov, exact: bool, available: float, spent: float
+    ) -> int:
+        """Products one end may use: what the credit pays for, within ``[block, n_iter + block − 1]``."""
         graph = GRAPH_COST if exact and curvature.hessian().num_graphs == 0 else 0.0
         unit = HVP_COST if exact else 1.0
         affordable = math.floor((available - spent - graph) / unit) if math.isfinite(available) else math.inf
-        cap = self.n_iter + self.top.block - 1
-        return int(max(self.top.block, min(cap, affordable)))
+        return int(max(end.block, min(self.n_iter + end.block - 1, affordable)))
 
     def _step(self, curvature: StepCurvature, g0: Tensor, before: tuple[int, ...]) -> CurvatureEstimate:
         dim, dtype, device = g0.numel(), g0.dtype, g0.device
@@ -739,11 +760,17 @@ class HessianEigenEstimator:
             self.steps_since_check += 1
             if self.steps_since_check >= self.check_every:
                 first_images, exact, check_error = self._check(curvature, g0)
+        if not exact and not self._representable(curvature.loss, self.top._warm(dim, dtype, device)[:, 0]):
+            # θ + Δq·u rounds the perturbation away (huge weights): a finite difference would measure
+            # rounding, not curvature
+            if not (self.products == "auto" and self.second_order):
+                return CurvatureEstimate(valid=False)
+            self.scale.exact = exact = True
         tol = self.warmup_tol if warming else self.tol
         budget = (
             self.warmup_iters
             if warming
-            else self._max_products(curvature, exact, available, self._spent(curvature, before))
+            else self._max_products(curvature, self.top, exact, available, self._spent(curvature, before))
         )
         apply = self._products(curvature, g0, exact)
         top = self.top.step(
@@ -777,7 +804,8 @@ class HessianEigenEstimator:
                 return -apply(block)
 
             if not warming:
-                budget = self._max_products(curvature, exact, available, self._spent(curvature, before))
+                spent = self._spent(curvature, before)
+                budget = self._max_products(curvature, self.negative, exact, available, spent)
             low = self.negative.step(negated, dim, dtype=dtype, device=device, max_products=budget, tol=tol)
             if not low.valid:
                 self.needs_warmup = self.warmup_iters > 0
@@ -803,19 +831,24 @@ class HessianEigenEstimator:
         """
         self.steps_since_check = 0
         warm = self.top._warm(g0.numel(), g0.dtype, g0.device)
-        directions = torch.cat([warm, self._random_direction(g0).unsqueeze(1)], dim=1)
+        randoms = [self._random_direction(g0).unsqueeze(1) for _ in range(CHECK_DIRECTIONS)]
+        directions = torch.cat([warm, *randoms], dim=1)
         images = curvature.hessian().matmat(directions)
         scale = max(abs(float(directions[:, 0] @ images[:, 0])), self.h0_scale)
-        probes = [self._probe(curvature, g0, directions[:, i], images[:, i], scale) for i in (0, 1)]
+        probes = [
+            self._probe(curvature, g0, directions[:, i], images[:, i], scale)
+            for i in [0, *range(self.top.block, directions.shape[1])]
+        ]
         self.scale.calibrate(probes)
         return images[:, : self.top.block], self.scale.exact, self.scale.error
 
     def _calibrate(self, curvature: StepCurvature, g0: Tensor, vector: Tensor, image: Tensor) -> None:
         """Choose Δq after the warm-up: along its top Ritz vector (exact image known) and a random one."""
-        direction = self._random_direction(g0)
-        probes = [
-            self._probe(curvature, g0, vector, image, self.h0_scale),
-            self._probe(curvature, g0, direction, curvature.hessian().matvec(direction), self.h0_scale),
+        directions = torch.stack([self._random_direction(g0) for _ in range(CALIBRATION_DIRECTIONS)], dim=1)
+        images = curvature.hessian().matmat(directions)
+        probes = [self._probe(curvature, g0, vector, image, self.h0_scale)] + [
+            self._probe(curvature, g0, directions[:, i], images[:, i], self.h0_scale)
+            for i in range(CALIBRATION_DIRECTIONS)
         ]
         self.scale.calibrate(probes)
         self.steps_since_check = 0

@@ -57,41 +57,76 @@ def test_probe_replays_dropout_and_batchnorm_of_the_step():
     assert check.checked == 6
 
 
-def test_logs_every_key_each_step_and_one_extra_gradient():
+PAPER = {"products": "finite_difference", "n_iter": 1}  # one gradient per step, a fixed Δq
+
+
+def test_logs_every_key_each_step_and_the_cost():
     logger = MemoryLogger()
-    monitor = HessianEigenvalueMonitor(top_k=2, most_negative=True, warmup_iters=3)
+    monitor = HessianEigenvalueMonitor(top_k=2, most_negative=True)
     pl.seed_everything(0, verbose=False)
-    trainer(
-        [monitor],
-        logger=logger,
-    ).fit(TinyModule(), loader())
+    trainer([monitor], logger=logger).fit(TinyModule(), loader())
     chaos = logger.chaos()
     for key in [
         "h0",
-        "h0_rayleigh",
+        "h0_converged",
+        "h0_lyapunov",
         "h0_residual",
         "lyapunov_exponent",
         "beta",
         "inv_h0",
+        "probe_gradients",
+        "probe_hvps",
+        "probe_cost",
         "h_top0",
         "h_top1",
+        "h_min",
+        "skipped_steps",
+        "unconverged_steps",
     ]:
         assert len(chaos[f"chaos/{key}"]) == 6, key
-    assert len(chaos["chaos/h_min"]) == 6 and chaos["chaos/skipped_steps"][5] == 0
-    assert list(chaos["chaos/warmup_iters"].values()) == [3]
+    assert chaos["chaos/skipped_steps"][5] == 0
+    assert list(chaos["chaos/warmup_iters"].values()) == [monitor.warmup_iterations]
     for step, h0 in chaos["chaos/h0"].items():
         assert chaos["chaos/inv_h0"][step] == pytest.approx(1 / h0)
-    # gradient reuse: top_k=2 + most_negative = 3 gradients per iteration, g(θ) is free
-    assert monitor.latest.num_gradients == 3
+        assert chaos["chaos/h_top0"][step] == h0  # the top Ritz value is h0
+        assert chaos["chaos/h0_converged"][step] in (0.0, 1.0)
+    assert sum(1 - c for c in chaos["chaos/h0_converged"].values()) == chaos["chaos/unconverged_steps"][5]
+    assert chaos["chaos/probe_cost"][5] == monitor.latest.cost > 0
+
+
+def test_paper_mode_costs_one_gradient_and_keeps_the_papers_estimate():
+    logger = MemoryLogger()
+    monitor = HessianEigenvalueMonitor(warmup_iters=3, **PAPER)
+    pl.seed_everything(0, verbose=False)
+    trainer([monitor], logger=logger).fit(TinyModule(), loader())
+    chaos = logger.chaos()
+    assert [chaos["chaos/probe_gradients"][s] for s in range(1, 6)] == [1.0] * 5
+    assert [chaos["chaos/probe_hvps"][s] for s in range(1, 6)] == [0.0] * 5
+    e = monitor.latest
+    assert e.h0_lyapunov == pytest.approx(math.expm1(e.lyapunov_exponent) / e.beta)
+
+
+class RecordWarmDirection(Callback):
+    """After the monitor: the warm direction the next computed step will start from, at every step."""
+
+    def __init__(self, monitor):
+        self.monitor, self.directions = monitor, []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.directions.append(self.monitor._estimator.top.basis.clone())
 
 
 def test_every_n_steps_keeps_the_direction_between_computed_steps():
     logger = MemoryLogger()
+    monitor = HessianEigenvalueMonitor(every_n_steps=3, warmup_iters=5)
+    record = RecordWarmDirection(monitor)
     pl.seed_everything(0, verbose=False)
-    trainer([HessianEigenvalueMonitor(every_n_steps=3, warmup_iters=5)], logger=logger).fit(
-        TinyModule(), loader()
-    )
+    trainer([monitor, record], logger=logger).fit(TinyModule(), loader())
     assert sorted(logger.chaos()["chaos/h0"]) == [0, 3]
+    d = record.directions
+    assert torch.equal(d[0], d[1]) and torch.equal(d[1], d[2])  # carried unchanged over steps 1 and 2 ...
+    assert not torch.equal(d[2], d[3])  # ... and moved on by the computed step 3
+    assert torch.equal(d[3], d[4]) and torch.equal(d[4], d[5])
 
 
 def test_resume_logs_what_the_uninterrupted_run_logs(tmp_path):
@@ -114,14 +149,33 @@ def test_resume_logs_what_the_uninterrupted_run_logs(tmp_path):
             assert full[key][step] == value, (key, step)
 
 
-def test_two_monitors_keep_separate_state():
-    a = HessianEigenvalueMonitor(seed=0, log_prefix="chaos/")
-    b = HessianEigenvalueMonitor(seed=1, log_prefix="chaos_b/")
-    assert a.state_key != b.state_key
-    logger = MemoryLogger()
-    pl.seed_everything(0, verbose=False)
-    trainer([a, b], logger=logger).fit(TinyModule(), loader())
-    assert "chaos_b/h0" in logger.metrics and "chaos/h0" in logger.metrics
+def test_two_monitors_keep_separate_state(tmp_path):
+    """Two monitors (different seeds and prefixes) in one Trainer: each checkpoints and resumes its own."""
+
+    def run(ckpt_path=None, max_epochs=2):
+        pl.seed_everything(0, verbose=False)
+        monitors = [
+            HessianEigenvalueMonitor(seed=0, warmup_iters=4),
+            HessianEigenvalueMonitor(seed=1, warmup_iters=4, log_prefix="chaos_b/"),
+        ]
+        logger = MemoryLogger()
+        ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+        tr = trainer(
+            [*monitors, ckpt], logger=logger, max_steps=-1, max_epochs=max_epochs, enable_checkpointing=True
+        )
+        tr.fit(TinyModule(), loader(shuffle=False), ckpt_path=ckpt_path)
+        return logger.metrics, monitors
+
+    full, monitors = run()
+    a, b = (m._estimator.top.basis for m in monitors)
+    assert not torch.allclose(a, b)  # different seeds: different directions, states not shared
+    assert full["chaos/h0"] != full["chaos_b/h0"]
+    resumed, resumed_monitors = run(ckpt_path=tmp_path / "epoch=0.ckpt")
+    for prefix in ("chaos/", "chaos_b/"):
+        for step, value in resumed[f"{prefix}h0"].items():
+            assert full[f"{prefix}h0"][step] == value, (prefix, step)  # each resumed its own state
+    for m, r in zip(monitors, resumed_monitors, strict=True):
+        assert torch.equal(m._estimator.top.basis, r._estimator.top.basis)
 
 
 class Diverging(TinyModule):
@@ -140,12 +194,30 @@ def test_nan_steps_are_skipped_counted_and_never_logged():
     logger = MemoryLogger()
     monitor = HessianEigenvalueMonitor(warmup_iters=2)
     pl.seed_everything(0, verbose=False)
-    trainer([monitor], logger=logger, max_steps=8).fit(Diverging(), loader())
+    trainer([monitor], logger=logger, max_steps=14).fit(Diverging(), loader())
     assert monitor.skipped_steps > 0
     chaos = logger.chaos()
-    assert chaos["chaos/skipped_steps"][7] == monitor.skipped_steps
+    assert chaos["chaos/skipped_steps"][13] == monitor.skipped_steps
     assert all(math.isfinite(v) for values in chaos.values() for v in values.values())
-    assert len(chaos.get("chaos/h0", {})) + monitor.skipped_steps == 8
+    assert len(chaos.get("chaos/h0", {})) + monitor.skipped_steps == 14
+
+
+def test_huge_weights_do_not_turn_rounding_into_curvature():
+    """Weights of 1e30: θ + Δq·u rounds the perturbation away in float32. The paper's finite difference
+    skips such a step; the default switches to exact products, which know the (constant) Hessian."""
+    paper = HessianEigenvalueMonitor(warmup_iters=2, **PAPER)
+    default = HessianEigenvalueMonitor(warmup_iters=2, log_prefix="d/")
+    pl.seed_everything(0, verbose=False)
+    model = Diverging()
+    trainer([paper, default], max_steps=1).fit(model, loader())
+    x = torch.cat([b[0] for b in loader()])
+    with torch.no_grad():
+        model.net.weight.fill_(1e30)
+    trainer([paper, default], max_steps=2).fit(model, loader())
+    assert not paper.latest.valid
+    assert default.latest.valid and default.latest.exact_products
+    design = torch.cat([x, torch.ones(len(x), 1)], dim=1).double()
+    assert 0 < default.latest.h0 <= float(torch.linalg.eigvalsh(2 * design.T @ design / 3)[-1])
 
 
 @pytest.mark.parametrize(
@@ -207,7 +279,7 @@ class Manual(TinyModule):
 def test_manual_optimization_needs_curvature_loss_and_then_works():
     with pytest.raises(MisconfigurationException, match="curvature_loss"):
         trainer([HessianEigenvalueMonitor()]).fit(Manual(False), loader())
-    monitor = HessianEigenvalueMonitor(warmup_iters=5)
+    monitor = HessianEigenvalueMonitor(warmup_iters=5, **PAPER)
     logger = MemoryLogger()
     trainer([monitor], logger=logger).fit(Manual(True), loader())
     assert len(logger.chaos()["chaos/h0"]) == 6
@@ -215,7 +287,7 @@ def test_manual_optimization_needs_curvature_loss_and_then_works():
 
 
 def test_gradient_accumulation_recomputes_g0_on_the_last_micro_batch():
-    monitor = HessianEigenvalueMonitor(warmup_iters=5)
+    monitor = HessianEigenvalueMonitor(warmup_iters=5, **PAPER)
     logger = MemoryLogger()
     trainer([monitor], logger=logger, accumulate_grad_batches=2, max_steps=2).fit(TinyModule(), loader())
     assert len(logger.chaos()["chaos/h0"]) == 2

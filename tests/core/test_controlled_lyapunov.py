@@ -1,176 +1,331 @@
+"""The controlled Lyapunov iteration with Rayleigh–Ritz, against exact linear algebra."""
+
 import math
 
 import pytest
 import torch
-from helpers import Quadratic, planted_spectrum
+from conftest import Quadratic, planted_spectrum
 from torch import nn
 
-from lightning_chaos.core.controlled_lyapunov import ControlledLyapunov, HessianEigenEstimator
+from lightning_chaos.core.controlled_lyapunov import (
+    GRAPH_COST,
+    HVP_COST,
+    ControlledLyapunov,
+    DirectionProbe,
+    FiniteDifferenceScale,
+    HessianEigenEstimator,
+)
 from lightning_chaos.core.functional_loss import FunctionalLoss
+from lightning_chaos.core.operators import SecondOrderError
+from lightning_chaos.core.step_curvature import StepCurvature
+
+F64 = torch.float64
 
 
-def quadratic_loss(model):
-    return FunctionalLoss(model, model.forward)
+def curvature_of(model, compute=None):
+    return StepCurvature(FunctionalLoss(model, compute or model.forward))
 
 
-def test_planted_top_eigenvalue_to_1e_3():
+def krylov_ritz(a, start, m):
+    """Top Ritz value of span{v, Av, …, A^{m−1}v}, built independently (monomial basis + QR)."""
+    columns = [start / start.norm()]
+    for _ in range(m - 1):
+        nxt = a @ columns[-1]
+        columns.append(nxt / nxt.norm())
+    q = torch.linalg.qr(torch.stack(columns, dim=1)).Q
+    return float(torch.linalg.eigvalsh(q.T @ a @ q)[-1])
+
+
+@pytest.mark.parametrize("products", ["auto", "exact", "finite_difference"])
+def test_planted_top_eigenvalue_and_most_negative(products):
     model = Quadratic(planted_spectrum())
-    loss = quadratic_loss(model)
-    est = HessianEigenEstimator(top_k=1)
-    iters, settled = est.warmup(loss, max_iters=300, tol=1e-4)
-    assert settled, iters
-    e = est.step(loss)
-    assert e.valid
-    exact = model.eigenvalues[0].item()
-    assert abs(e.h0 - exact) / exact < 1e-3
-    assert abs(e.h0_rayleigh - exact) / exact < 1e-3
-    # the control drives λ → 1, i.e. β h0 → e − 1; the paper's 1/β is off by that factor
-    assert abs(e.lyapunov_exponent - 1.0) < 1e-2
-    assert abs(e.beta * exact - (math.e - 1)) < 5e-2
-    # the residual bounds the distance to an exact eigenvalue
-    assert abs(e.h0_rayleigh - exact) <= e.h0_residual + 1e-9
+    est = HessianEigenEstimator(products=products, most_negative=True)
+    for _ in range(5):
+        e = est.step(curvature_of(model))
+        assert e.valid and e.converged
+    h = model.eigenvalues
+    assert e.h0 == pytest.approx(h[0].item(), rel=1e-3)
+    assert e.h_min == pytest.approx(h[-1].item(), rel=1e-3)
+    assert e.exact_products == (products == "exact")  # "auto": finite differences are exact on a quadratic
+    # a Ritz value of exact products never exceeds the largest eigenvalue (Courant–Fischer)
+    assert e.h0 <= h[0].item() * (1 + 1e-12)
+    assert abs(e.h0 - h[0].item()) <= e.h0_residual + 1e-9
 
 
-def test_planted_top3_and_most_negative():
+def test_top_k_ritz_values_of_a_planted_spectrum():
     model = Quadratic(planted_spectrum())
-    loss = quadratic_loss(model)
-    est = HessianEigenEstimator(top_k=3, most_negative=True)
-    for _ in range(400):
-        e = est.step(loss)
-    exact = model.eigenvalues
-    torch.testing.assert_close(torch.tensor(e.top, dtype=torch.float64), exact[:3], rtol=1e-3, atol=0)
-    assert abs(e.h0 - exact[0].item()) / exact[0].item() < 1e-3
-    assert abs(e.h_min - exact[-1].item()) / abs(exact[-1].item()) < 1e-3
-    assert abs(e.h_min_rayleigh - exact[-1].item()) / abs(exact[-1].item()) < 1e-3
-    assert e.num_gradients == 1 + 3 + 1
+    est = HessianEigenEstimator(top_k=3, products="exact", n_iter=12, budget=math.inf)
+    for _ in range(10):
+        e = est.step(curvature_of(model))
+    torch.testing.assert_close(torch.tensor(e.top, dtype=F64), model.eigenvalues[:3], rtol=1e-4, atol=0)
 
 
-def test_gradient_reuse_saves_one_gradient():
-    model = Quadratic(planted_spectrum())
-    loss = quadratic_loss(model)
-    est = HessianEigenEstimator()
-    g0 = loss.gradient()
-    assert est.step(loss, g0=g0, n_iter=2).num_gradients == 2
-    assert est.step(loss, n_iter=1).num_gradients == 2
-
-
-def test_single_iteration_matches_formulas():
-    """One iteration by hand: d = q + βHq, λ = log(‖d‖/‖q‖), h = (e^λ − 1)/β, q ← Δq d/‖d‖."""
-    model = Quadratic(planted_spectrum(n=10))
-    loss = quadratic_loss(model)
-    it = ControlledLyapunov(k=1, delta_q=0.05, beta=0.3, seed=3)
-    g0 = loss.gradient()
-    step = it.iterate(lambda q: loss.gradients(q) - g0[:, None], 10, dtype=torch.float64)
-    q = (
-        0.05
-        * torch.linalg.qr(
-            torch.randn(10, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-        ).Q
-    )
-    d = q + 0.3 * model.A @ q
-    lam = torch.log(d.norm() / q.norm())
+def test_one_product_is_the_papers_iteration():
+    """n = 1: d = u + βHu, λ = log‖d‖, h = (e^λ − 1)/β, Ritz value = Rayleigh quotient, β ← β/λ, u ← d/‖d‖."""
+    a = torch.diag(torch.linspace(-2.0, 9.0, 10, dtype=F64))
+    it = ControlledLyapunov(beta=0.3, seed=3)
+    step = it.step(a.__matmul__, 10, dtype=F64, max_products=1)
+    u = torch.linalg.qr(torch.randn(10, 1, generator=torch.Generator().manual_seed(3), dtype=F64)).Q
+    d = u + 0.3 * a @ u
+    lam = torch.log(d.norm())
+    assert step.num_products == 1
     assert step.exponents[0].item() == pytest.approx(lam.item(), rel=1e-12)
-    assert step.eigenvalues[0].item() == pytest.approx(torch.expm1(lam).item() / 0.3, rel=1e-12)
-    assert step.ritz_values[0].item() == pytest.approx((q.T @ model.A @ q).item() / 0.05**2, rel=1e-12)
+    assert step.lyapunov[0].item() == pytest.approx(torch.expm1(lam).item() / 0.3, rel=1e-12)
+    assert step.ritz_values[0].item() == pytest.approx((u.T @ a @ u).item(), rel=1e-12)
+    assert step.residuals[0].item() == pytest.approx((a @ u - (u.T @ a @ u) * u).norm().item(), rel=1e-10)
     assert it.beta == pytest.approx(0.3 / lam.item(), rel=1e-12)
     torch.testing.assert_close(it.basis, d / d.norm())
 
 
-def test_tanh_mlp_matches_exact_same_batch_h0():
+@pytest.mark.parametrize("m", [2, 3, 5])
+def test_m_products_give_the_ritz_value_of_the_m_dimensional_krylov_space(m):
+    gen = torch.Generator().manual_seed(1)
+    q = torch.linalg.qr(torch.randn(30, 30, generator=gen, dtype=F64)).Q
+    a = q @ torch.diag(torch.linspace(-3.0, 10.0, 30, dtype=F64)) @ q.T
+    it = ControlledLyapunov(seed=4)
+    start = torch.linalg.qr(torch.randn(30, 1, generator=torch.Generator().manual_seed(4), dtype=F64)).Q[:, 0]
+    step = it.step(a.__matmul__, 30, dtype=F64, max_products=m, tol=1e-12)
+    assert step.num_products == m and not step.converged
+    assert step.ritz_values[0].item() == pytest.approx(krylov_ritz(a, start, m), rel=1e-10)
+
+
+def test_an_invariant_krylov_space_stops_early_and_is_exact():
+    a = torch.diag(torch.tensor([5.0, 5.0, 1.0, 1.0], dtype=F64))
+    it = ControlledLyapunov()
+    step = it.step(a.__matmul__, 4, dtype=F64, max_products=6, tol=1e-14)
+    assert step.converged and step.num_products <= 2
+    assert step.ritz_values[0].item() == pytest.approx(5.0, rel=1e-12)
+
+
+def test_unrelated_top_eigenvectors_are_flagged_or_converged():
+    """Every step a fresh random rotation of one spectrum: the warm start carries nothing."""
+    spectrum = torch.cat([torch.tensor([10.0, 9.0, 8.5]), torch.linspace(-2.0, 6.0, 57)]).double()
+    est = HessianEigenEstimator(products="exact", n_iter=2, budget=math.inf)
+    flags, errors = [], []
+    for t in range(61):
+        e = est.step(curvature_of(Quadratic(spectrum, seed=100 + t)))
+        if t:  # after the warm-up
+            flags.append(e.converged)
+            errors.append(abs(e.h0 - 10.0) / 10.0)
+    assert sum(flags) <= 0.2 * len(flags)  # two products from an unrelated start rarely converge
+    assert sorted(errors)[len(errors) // 2] > 0.05  # and the estimates are indeed far off
+    off_but_flagged = sum(f and err > 0.1 for f, err in zip(flags, errors, strict=True))
+    assert off_but_flagged <= 0.05 * len(flags)  # the flag is honest
+    # with enough products per step (and a tolerance that sees the gap h0 − h1) the same sequence converges
+    est = HessianEigenEstimator(products="exact", n_iter=60, tol=1e-3, budget=math.inf)
+    for t in range(10):
+        e = est.step(curvature_of(Quadratic(spectrum, seed=100 + t)))
+        assert e.converged and abs(e.h0 - 10.0) / 10.0 < 1e-3
+
+
+class Bump(nn.Module):
+    """½θᵀAθ + k s² (1 − cos(vᵀθ / s)): quadratic, plus curvature k along v that exists only below scale s."""
+
+    def __init__(self, s=1e-3, k=30.0, dtype=F64):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        n = 20
+        q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=dtype)).Q
+        self.register_buffer("A", q @ torch.diag(torch.linspace(0.5, 10.0, n, dtype=dtype)) @ q.T)
+        v = torch.randn(n, generator=gen, dtype=dtype)
+        self.register_buffer("v", v / v.norm())
+        self.theta = nn.Parameter(torch.zeros(n, dtype=dtype))
+        self.s, self.k = s, k
+
+    def forward(self):
+        t = self.v @ self.theta
+        return 0.5 * self.theta @ self.A @ self.theta + self.k * self.s**2 * (1 - torch.cos(t / self.s))
+
+    def exact_top(self):
+        return float(torch.linalg.eigvalsh(self.A + self.k * torch.outer(self.v, self.v))[-1])
+
+
+def test_delta_q_control_finds_the_scale_of_sharp_curvature():
+    model = Bump()
+    fixed = HessianEigenEstimator(products="finite_difference", delta_q=5e-2)
+    auto = HessianEigenEstimator(products="auto", delta_q=5e-2, delta_q_tol=1e-2)
+    for _ in range(4):
+        e_fixed, e_auto = fixed.step(curvature_of(model)), auto.step(curvature_of(model))
+    exact = model.exact_top()
+    assert abs(e_fixed.h0 - exact) / exact > 0.3  # at Δq ≫ s the difference quotient misses the bump
+    assert abs(e_auto.h0 - exact) / exact < 1e-2
+    assert not e_auto.exact_products and e_auto.delta_q <= 2.5e-4  # finite differences at a small Δq
+    assert auto.scale.error <= 1e-2
+
+
+def test_float32_cancellation_abandons_finite_differences():
+    """θ far from 0 in float32: θ + Δq·u rounds away the perturbation below Δq ≈ 1e-3·|θ|·eps⁻¹."""
+    model = Quadratic(planted_spectrum(n=20), dtype=torch.float32)
+    with torch.no_grad():
+        model.theta.add_(1e4)
+    est = HessianEigenEstimator(products="auto", delta_q=1e-6, delta_q_tol=1e-2)
+    for _ in range(3):
+        e = est.step(curvature_of(model))
+    assert est.scale.exact and e.exact_products
+    assert e.h0 == pytest.approx(model.eigenvalues[0].item(), rel=1e-3)
+
+
+def test_exact_products_match_torch_func_hessian_on_a_tanh_mlp():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
-    loss = FunctionalLoss(net, lambda: nn.functional.cross_entropy(net(x), y))
-    params = [p.detach() for p in net.parameters()]
-    shapes = [p.shape for p in params]
+    net = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 3))
+    x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+    names = [n for n, _ in net.named_parameters()]
 
-    def flat_loss(vec):
-        pieces, i = [], 0
-        for s, p in zip(shapes, params):
-            pieces.append(vec[i : i + p.numel()].reshape(s))
+    def flat_loss(flat):
+        pieces, i = {}, 0
+        for name, p in net.named_parameters():
+            pieces[name] = flat[i : i + p.numel()].reshape(p.shape)
             i += p.numel()
-        return loss(pieces)
+        return nn.functional.cross_entropy(torch.func.functional_call(net, pieces, (x,)), y)
 
-    theta = torch.cat([p.reshape(-1) for p in params])
-    exact = torch.linalg.eigvalsh(torch.func.hessian(flat_loss)(theta))[-1].item()
-    est = HessianEigenEstimator(delta_q=1e-3)
-    est.warmup(loss, max_iters=500, tol=1e-5, patience=5)
-    e = est.step(loss)
-    assert abs(e.h0 - exact) / exact < 1e-2
-    assert abs(e.h0_rayleigh - exact) / exact < 1e-2
-
-
-def test_relative_delta_q_scales_with_theta_norm():
-    model = Quadratic(planted_spectrum(n=10))
-    loss = quadratic_loss(model)
-    seen = []
-    it = HessianEigenEstimator(delta_q=1e-2, relative_delta_q=True)
-    orig = loss.gradients
-
-    def spy(block):
-        seen.append(block.norm(dim=0))
-        return orig(block)
-
-    loss.gradients = spy
-    it.step(loss)
-    torch.testing.assert_close(
-        seen[0], torch.full((1,), 1e-2 * model.theta.detach().norm().item(), dtype=torch.float64)
-    )
+    theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    exact = float(torch.linalg.eigvalsh(torch.func.hessian(flat_loss)(theta).double())[-1])
+    assert len(names) == 4
+    est = HessianEigenEstimator(products="exact", warmup_tol=1e-4)
+    e = est.step(curvature_of(net, lambda: nn.functional.cross_entropy(net(x), y)))
+    assert e.converged and e.h0 == pytest.approx(exact, rel=1e-4)
 
 
-def test_invalid_step_keeps_beta_and_redraws_direction():
-    it = ControlledLyapunov(k=1, beta=0.5)
-    it.iterate(lambda q: 2.0 * q, 5, dtype=torch.float64)
-    beta, basis = it.beta, it.basis.clone()
-    step = it.iterate(lambda q: torch.full_like(q, math.nan), 5, dtype=torch.float64)
-    assert not step.valid and it.beta == beta and not torch.equal(it.basis, basis)
-    assert it.num_restarts == 1
-    # λ ≤ 0: a negative-definite operator contracts the ascent map
-    step = it.iterate(lambda q: -0.1 * q, 5, dtype=torch.float64)
-    assert not step.valid
+def test_cost_is_counted_and_the_mean_stays_within_the_budget():
+    n = 40
+    spectrum = torch.cat([torch.tensor([10.0, 9.5]), torch.linspace(-2.0, 6.0, n - 2)]).double()
+    est = HessianEigenEstimator(products="exact", n_iter=6, budget=4.0)
+    costs = []
+    for t in range(25):
+        e = est.step(curvature_of(Quadratic(spectrum, seed=200 + t)))
+        assert e.cost == e.num_gradients + HVP_COST * e.num_hvps + GRAPH_COST * e.num_graphs
+        assert e.num_hvps == e.num_products  # every product exact, one graph per step
+        assert e.num_graphs == 1
+        if t:
+            costs.append(e.cost)
+    assert max(costs) <= 3 * 4.0 + 1e-9  # what was saved is capped at three steps' worth
+    assert sum(costs) / len(costs) <= 4.0 + GRAPH_COST + HVP_COST  # the minimum product of a step aside
+    assert est.credit >= -(GRAPH_COST + HVP_COST)
+
+
+def test_gradient_reuse_saves_one_gradient():
+    model = Quadratic(planted_spectrum())
+    est = HessianEigenEstimator(products="finite_difference", n_iter=1, warmup_iters=0)
+    curvature = curvature_of(model)
+    g0 = curvature.loss.gradient()
+    assert est.step(curvature, g0=g0).num_gradients == 1
+    assert est.step(curvature_of(model)).num_gradients == 2
+
+
+def test_a_non_finite_gradient_skips_the_step_and_keeps_the_direction():
+    model = Quadratic(planted_spectrum())
+    est = HessianEigenEstimator(products="exact")
+    est.step(curvature_of(model))
+    direction = est.top.basis.clone()
+    with torch.no_grad():
+        model.A[0, 0] = math.nan
+    e = est.step(curvature_of(model))
+    assert not e.valid and e.num_products == 0 and not est.needs_warmup
+    torch.testing.assert_close(est.top.basis, direction)
+
+
+def test_non_finite_products_invalidate_the_step_and_rewarm():
+    model = Quadratic(planted_spectrum())
+    calls = []
+
+    def loss():  # finite for g(θ), the first evaluation; NaN at every perturbed point after it
+        calls.append(1)
+        return model() * (1.0 if len(calls) == 1 else math.nan)
+
+    est = HessianEigenEstimator(products="finite_difference", warmup_iters=3)
+    e = est.step(curvature_of(model, loss))
+    assert not e.valid and est.needs_warmup and est.top.num_restarts == 1
+    assert e.num_gradients == 2  # g(θ) and the one failed product: no retry on that step
+
+
+class NoDoubleBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (1 - torch.tanh(x) ** 2)
+
+
+def test_a_model_without_second_derivatives_keeps_finite_differences():
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    x, y = torch.randn(16, 4), torch.randn(16, 3)
+
+    def loss():
+        return ((NoDoubleBackward.apply(net(x)) - y) ** 2).mean()
+
+    auto = HessianEigenEstimator(products="auto")
+    e = auto.step(curvature_of(net, loss))
+    assert e.valid and not auto.second_order and not e.exact_products
+    with pytest.raises(SecondOrderError):
+        HessianEigenEstimator(products="exact").step(curvature_of(net, loss))
 
 
 def test_state_dict_round_trip_continues_identically():
-    model = Quadratic(planted_spectrum(n=12))
-    loss = quadratic_loss(model)
-    a = HessianEigenEstimator(top_k=2, most_negative=True)
-    for _ in range(3):
-        a.step(loss)
-    b = HessianEigenEstimator(top_k=2, most_negative=True)
-    b.load_state_dict(a.state_dict())
-    assert a.step(loss) == b.step(loss)
+    spectrum = planted_spectrum()
+    est = HessianEigenEstimator(most_negative=True)
+    for t in range(3):
+        est.step(curvature_of(Quadratic(spectrum, seed=t)))
+    resumed = HessianEigenEstimator(most_negative=True)
+    resumed.load_state_dict(est.state_dict())
+    for t in range(3, 6):
+        a, b = (
+            est.step(curvature_of(Quadratic(spectrum, seed=t))),
+            resumed.step(curvature_of(Quadratic(spectrum, seed=t))),
+        )
+        assert (a.h0, a.h_min, a.beta, a.cost, a.converged) == (b.h0, b.h_min, b.beta, b.cost, b.converged)
+
+
+def test_direction_probe_measures_in_units_of_h0():
+    exact = torch.tensor([3.0, 4.0], dtype=F64)
+    probe = DirectionProbe(lambda dq: exact + dq, exact, scale=10.0)
+    assert probe.error(0.5) == (pytest.approx(math.sqrt(2) * 0.5 / 10.0), 1)
+    assert probe.error(0.5)[1] == 0  # reused, not recomputed
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"k": 0}, {"delta_q": 0.0}, {"delta_q": -1.0}, {"beta": 0.0}, {"window": 0}]
+    ("kwargs", "name"),
+    [
+        ({"n_iter": 0}, "n_iter"),
+        ({"tol": 0}, "tol"),
+        ({"budget": 0}, "budget"),
+        ({"products": "x"}, "products"),
+        ({"delta_q": -1}, "delta_q"),
+        ({"delta_q_tol": 0}, "delta_q_tol"),
+        ({"block": 0}, "block"),
+    ],
 )
-def test_bad_arguments_name_the_argument(kwargs):
-    name = next(iter(kwargs))
-    with pytest.raises(ValueError, match=name):
-        ControlledLyapunov(**kwargs)
+def test_bad_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        HessianEigenEstimator(**kwargs)
 
 
-def test_rounding_level_growth_is_not_a_measurement():
-    """A finite difference that cancels to zero (huge weights) must not be read as h0 ≈ 0."""
-    it = ControlledLyapunov(k=1, beta=1.0)
-    step = it.iterate(lambda q: torch.zeros_like(q), 5, dtype=torch.float32)
-    assert not step.valid and it.beta == 1.0
+def test_finite_difference_scale_walks_down_until_a_rung_passes():
+    calls = []
+
+    def fd(delta):
+        calls.append(delta)
+        return torch.tensor([1.0 + delta * 10], dtype=F64)
+
+    scale = FiniteDifferenceScale(delta_max=0.1, tol=0.05)
+    spent = scale.calibrate([DirectionProbe(fd, torch.tensor([1.0], dtype=F64), scale=1.0)])
+    # errors 1.0, 0.25, 0.0625 fail; 0.0156 passes, and so does the next rung (0.0039): a stable rung
+    assert scale.delta_q == 0.1 / 4**3 and not scale.exact
+    assert calls == [0.1 / 4**j for j in range(5)] and spent == 5
 
 
-def test_beta_far_too_small_is_re_aimed_from_the_rayleigh_quotient():
-    it = ControlledLyapunov(k=1, beta=1.0)
-    step = it.iterate(lambda q: 1e-9 * q, 5, dtype=torch.float32)
-    assert not step.valid
-    assert it.beta == pytest.approx((math.e - 1) / 1e-9, rel=1e-3)
-    assert it.iterate(lambda q: 1e-9 * q, 5, dtype=torch.float32).valid
+def test_a_rung_whose_next_rung_fails_does_not_pass():
+    """A kink: fine at one Δq, far off at the next smaller one (a jump divided by Δq)."""
+    exact = torch.tensor([1.0], dtype=F64)
 
+    def fd(delta):
+        return exact + (0.0 if delta > 0.02 else 1.0)  # off below 0.02 only
 
-def test_vector_fast_path_equals_the_block_qr_ritz_path():
-    gen = torch.Generator().manual_seed(0)
-    u = torch.linalg.qr(torch.randn(30, 1, generator=gen, dtype=torch.float64)).Q
-    a = torch.randn(30, 30, generator=gen, dtype=torch.float64)
-    b_u = (a + a.T) @ u
-    fast = ControlledLyapunov._measure_vector(u, b_u, 0.3)
-    block = ControlledLyapunov._measure_block(u, b_u, 0.3)
-    for x, y in zip(fast, block):
-        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    scale = FiniteDifferenceScale(delta_max=0.05, tol=0.05, rungs=3)
+    scale.calibrate([DirectionProbe(fd, exact, scale=1.0)])
+    assert scale.exact  # 0.05 is exact but 0.0125 is not: no stable rung
