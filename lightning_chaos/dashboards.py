@@ -125,6 +125,7 @@ def chaos_layout(callbacks: Iterable[Callback], optimizers: Iterable[Optimizer] 
         TangentMapMonitor,
         TrajectoryDivergence,
     )
+    from lightning_chaos.callbacks._base import ProbeCallback
     from lightning_chaos.optim import CGD
 
     callbacks = list(callbacks)
@@ -132,13 +133,15 @@ def chaos_layout(callbacks: Iterable[Callback], optimizers: Iterable[Optimizer] 
     with_cgd = any(isinstance(opt, CGD) for opt in optimizers)
     keys: dict[str, dict[str, list[str]]] = {}  # prefix -> chart -> regexes
     for callback in callbacks:
+        if not isinstance(callback, ProbeCallback):
+            continue
         spectrum = isinstance(callback, LyapunovSpectrumMonitor)
         contributions = [
             (isinstance(callback, HessianEigenvalueMonitor), _CURVATURE),
             (isinstance(callback, InverseCurvatureLR) and not shared_monitor, _CURVATURE),  # its own monitor
             (isinstance(callback, InverseCurvatureLR), _INVERSE_CURVATURE_LR),
             (spectrum, _SPECTRUM),
-            (spectrum and callback.overlaps, _OVERLAPS),
+            (isinstance(callback, LyapunovSpectrumMonitor) and callback.overlaps, _OVERLAPS),
             (isinstance(callback, TangentMapMonitor), _TANGENT_MAP),
             (isinstance(callback, TrajectoryDivergence), _DIVERGENCE),
             (isinstance(callback, CGDCurvature) and with_cgd, _CGD),
@@ -180,7 +183,8 @@ def write_layout(trainer: pl.Trainer, prefix: str = "chaos/") -> bool:
     written = False
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger) and not getattr(logger, _WRITTEN, False):
-            logger.experiment.add_custom_scalars(chaos_layout(trainer.callbacks, trainer.optimizers))
+            callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
+            logger.experiment.add_custom_scalars(chaos_layout(callbacks, trainer.optimizers))
             setattr(logger, _WRITTEN, True)
             written = True
     return written

@@ -181,7 +181,7 @@ class _BatchTransform:
             x = _random_crop(x, self.crop_padding)
         if self.flip:
             x = _random_hflip(x)
-        if self.mean is not None:
+        if self.mean is not None and self.std is not None:
             shape = (-1,) + (1,) * (x.ndim - 2)
             x = (x - self.mean.view(shape)) / self.std.view(shape)
         if self.flatten:
@@ -317,7 +317,7 @@ class _ArrayDataModule(pl.LightningDataModule):
             return
         x_train, y_train, x_test, y_test, names = self._load()
         x_train, y_train = self._select(x_train, y_train)
-        if x_test is not None:
+        if x_test is not None and y_test is not None:
             x_test, y_test = self._select(x_test, y_test)
         self.class_names = [names[c] for c in self.selected_classes] if self.selected_classes else names
         if self.val_fraction > 0:
@@ -330,7 +330,11 @@ class _ArrayDataModule(pl.LightningDataModule):
             train_idx, val_idx = torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(val_idx))
             self.val_set = TensorDataset(x_train[val_idx], y_train[val_idx])
             x_train, y_train = x_train[train_idx], y_train[train_idx]
-            self.test_set = self.val_set if x_test is None else TensorDataset(x_test, y_test)
+            self.test_set = (
+                self.val_set if x_test is None or y_test is None else TensorDataset(x_test, y_test)
+            )
+        elif x_test is None or y_test is None:  # the subclasses without a test split require val_fraction > 0
+            raise ValueError(f"{type(self).__name__} has no test split: val_fraction must be > 0")
         else:
             self.val_set = self.test_set = TensorDataset(x_test, y_test)
         self.train_set = TensorDataset(x_train, y_train)
@@ -661,6 +665,7 @@ class _DownloadedDataModule(_ArrayDataModule):
     _resources: tuple[_Resource, ...] = ()
     _dataset_name = ""
     _folder: Path
+    download: bool
 
     def _missing(self) -> list[_Resource]:
         return [r for r in self._resources if not (self._folder / r.filename).is_file()]

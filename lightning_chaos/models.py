@@ -16,6 +16,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -442,11 +443,11 @@ class Classifier(pl.LightningModule):
         if binary:
             out = out.squeeze(-1)
             target = y.to(out.dtype)
-        elif self.hparams.loss == "mse":
+        elif self.hparams["loss"] == "mse":
             target = F.one_hot(y, self.num_classes).to(out.dtype)
         else:
             target = y
-        if self.hparams.loss == "mse":
+        if self.hparams["loss"] == "mse":
             loss = F.mse_loss(out, target)
         elif binary:
             loss = F.binary_cross_entropy_with_logits(out, target)
@@ -457,7 +458,7 @@ class Classifier(pl.LightningModule):
     def _predictions(self, out: Tensor) -> Tensor:
         """Predicted class indices from the outputs of ``_forward_loss``."""
         if out.ndim == 1:  # binary: logit (cross entropy) or regressed label (mse)
-            threshold = 0.5 if self.hparams.loss == "mse" else 0.0
+            threshold = 0.5 if self.hparams["loss"] == "mse" else 0.0
             return (out.detach() > threshold).long()
         return out.detach().argmax(dim=-1)
 
@@ -510,7 +511,7 @@ class Classifier(pl.LightningModule):
         """Log ``test/loss`` and ``test/acc``; returns the loss."""
         return self._evaluate(batch, "test", self.test_acc)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRScheduler:
         """SGD with the configured hyperparameters, plus a per-step ``CyclicLR`` for ``lr_schedule="cyclic"``.
 
         Returns:
@@ -519,19 +520,19 @@ class Classifier(pl.LightningModule):
         hp = self.hparams
         optimizer = torch.optim.SGD(
             self.parameters(),
-            lr=hp.lr,
-            momentum=hp.momentum,
-            weight_decay=hp.weight_decay,
-            nesterov=hp.nesterov,
+            lr=hp["lr"],
+            momentum=hp["momentum"],
+            weight_decay=hp["weight_decay"],
+            nesterov=hp["nesterov"],
         )
-        if hp.lr_schedule == "constant":
+        if hp["lr_schedule"] == "constant":
             return optimizer
         base_lr, max_lr = self.cyclic_bounds
         scheduler = torch.optim.lr_scheduler.CyclicLR(
             optimizer,
             base_lr=base_lr,
             max_lr=max_lr,
-            step_size_up=hp.cyclic_step_size,
+            step_size_up=hp["cyclic_step_size"],
             mode="triangular",
             cycle_momentum=False,
         )

@@ -25,6 +25,7 @@ import re
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -192,12 +193,12 @@ def plot_exponents(series: Series, path: str | Path, prefix: str = "chaos/", tit
     Returns:
         ``path``, or ``None`` (nothing written) when the run logged no exponent.
     """
-    local = [
+    local: list[tuple[str, str, dict[str, Any]]] = [
         (f"{prefix}lle_max", "largest LLE", {}),
         (f"{prefix}lle_min", "smallest LLE", {}),
         (f"{prefix}map_log_norm", "log‖J_t‖ (tangent map)", {"ls": ":"}),
     ]
-    finite = [  # one legend entry for all of them ("_" hides a label)
+    finite: list[tuple[str, str, dict[str, Any]]] = [  # one legend entry for all ("_" hides a label)
         (tag, "_" * bool(i) + "finite-time exponents ftle_i", {"lw": 0.6, "color": "0.6"})
         for i, tag in enumerate(_tags(series, prefix, r"ftle_(\d+|min)"))
     ]

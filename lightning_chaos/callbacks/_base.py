@@ -9,6 +9,7 @@ model's operations do not support) into a skipped, counted step with the reason 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -62,7 +63,8 @@ class ProbeCallback(Callback):
             return
         owner = type(self).__name__
         check_supported(trainer, pl_module, owner)
-        twins = [c for c in trainer.callbacks if type(c) is type(self) and c.log_prefix == self.log_prefix]
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
+        twins = [c for c in callbacks if type(c) is type(self) and c.log_prefix == self.log_prefix]
         if len(twins) > 1:
             raise MisconfigurationException(
                 f"{len(twins)} {owner} callbacks share log_prefix={self.log_prefix!r}: their values would be "
@@ -100,7 +102,7 @@ class ProbeCallback(Callback):
             )
 
 
-def log_values(trainer: pl.Trainer, values: dict[str, float | None], prefix: str) -> None:
+def log_values(trainer: pl.Trainer, values: Mapping[str, float | None], prefix: str) -> None:
     """Send the finite ``values`` of this step to every logger and to ``trainer.callback_metrics``.
 
     Not through ``pl_module.log``: Lightning re-emits an ``on_step`` value at every later step of the

@@ -135,7 +135,8 @@ class InverseCurvatureLR(ProbeCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        shared = [c for c in trainer.callbacks if isinstance(c, HessianEigenvalueMonitor)]
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
+        shared = [c for c in callbacks if isinstance(c, HessianEigenvalueMonitor)]
         self.monitor = shared[0] if shared else self._own_monitor
         if self.owns_monitor:
             self.monitor.setup(trainer, pl_module, stage)  # the owned monitor is not in trainer.callbacks

@@ -8,6 +8,7 @@ eigendirections drifts from the run.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -241,8 +242,8 @@ class TrajectoryDivergence(ProbeCallback):
         bound = (
             random_walk_distance(steps, dim, sigma) if math.isfinite(sigma) else math.nan
         )  # main run diverged
-        fits = {name: _fit_finite_prefix(d) for name, d in self.distances.items()}
-        fits = {name: ab for name, ab in fits.items() if ab is not None}
+        candidates = {name: _fit_finite_prefix(d) for name, d in self.distances.items()}
+        fits = {name: ab for name, ab in candidates.items() if ab is not None}
         self.results = {
             "fit": fits,
             "sigma": sigma,
@@ -356,14 +357,18 @@ class TrajectoryDivergence(ProbeCallback):
         for twin_group, group in zip(twin_optimizer.param_groups, optimizer.param_groups, strict=True):
             twin_group.update({k: v for k, v in group.items() if k != "params"})
         named = trainable_parameters(module)
-        settings = {
-            "rng_state": record.rng,
-            "context": curvature.loss.context,
-            "reduce": curvature.loss.reduce,
-        }
         compute = loss_closure(module, record.batch, record.batch_idx)
+        functional = functools.partial(
+            FunctionalLoss,
+            module,
+            compute,
+            named,
+            rng_state=record.rng,
+            context=curvature.loss.context,
+            reduce=curvature.loss.reduce,
+        )
         # the twin's own forward: its BatchNorm statistics update, as the main model's do in training_step
-        gradient = FunctionalLoss(module, compute, named, update_buffers=True, **settings).gradient()
+        gradient = functional(update_buffers=True).gradient()
         params = [p for _, p in named]
         for p, g in zip(params, unflatten(gradient, params), strict=True):
             p.grad = g.clone()
@@ -371,7 +376,7 @@ class TrajectoryDivergence(ProbeCallback):
             algorithm = GradClipAlgorithmType(trainer.gradient_clip_algorithm or "norm")
             trainer.precision_plugin.clip_gradients(twin_optimizer, trainer.gradient_clip_val, algorithm)
         if isinstance(twin_optimizer, CGD):
-            twin_optimizer.set_curvature(FunctionalLoss(module, compute, named, **settings))
+            twin_optimizer.set_curvature(functional())
         twin_optimizer.step()
         twin_optimizer.zero_grad(set_to_none=True)
 

@@ -202,8 +202,9 @@ def lanczos(
         >>> runs.ritz_values()[:2]
         tensor([10.,  9.], dtype=torch.float64)
     """
-    like = {} if start is None else {"dtype": start.dtype, "device": start.device}
-    matmat, n, dtype, device = as_matmat(op, dim, **like)  # a bare matvec works in the start's dtype
+    # a bare matvec works in the start's dtype and device
+    like = (None, None) if start is None else (start.dtype, start.device)
+    matmat, n, dtype, device = as_matmat(op, dim, *like)
     if num_steps < 1:
         raise ValueError(f"num_steps must be positive, got {num_steps}")
     if start is None:

@@ -25,7 +25,9 @@ Strategy = Literal["chaotic", "negative", "positive", "positive_curvature"]
 STRATEGIES: tuple[Strategy, ...] = ("chaotic", "negative", "positive", "positive_curvature")
 """What CGD can remove (see :func:`select_directions`)."""
 
-METHODS = ("exact", "lanczos")
+Method = Literal["exact", "lanczos"]
+
+METHODS: tuple[Method, ...] = ("exact", "lanczos")
 """How the eigendirections are found: dense ``eigh`` of the batch Hessian, or extreme Lanczos pairs."""
 
 _LANCZOS_ENDS: dict[str, Literal["largest", "smallest", "both"]] = {
@@ -89,7 +91,7 @@ def removal_basis(
     curvature: StepCurvature,
     sgd: SGDHyperparameters,
     strategy: Strategy = "chaotic",
-    method: Literal["exact", "lanczos"] = "exact",
+    method: Method = "exact",
     k: int | None = None,
     tolerance: float = EXACT_EDGE_TOLERANCE,
     generator: torch.Generator | None = None,
