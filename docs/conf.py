@@ -58,12 +58,15 @@ def _modules() -> dict[str, ModuleType]:
 
 
 def _exporter(modules: dict[str, ModuleType], modname: str, name: str, obj: object) -> str | None:
-    """The shallowest package above ``modname`` whose ``__all__`` exports ``obj`` as ``name``, if any."""
-    parts = modname.split(".")
-    for depth in range(1, len(parts)):
-        parent = modules.get(".".join(parts[:depth]))
-        if parent is not None and name in getattr(parent, "__all__", ()) and getattr(parent, name) is obj:
-            return parent.__name__
+    """``lightning_chaos`` if its ``__all__`` exports ``obj`` as ``name`` (from a submodule), else ``None``.
+
+    Only the top-level public API is documented under the package name. The core's grouped ``__all__`` is a
+    convenience for imports; its names stay documented in the module that defines them, where the
+    references of their docstrings resolve.
+    """
+    top = modules["lightning_chaos"]
+    if modname != top.__name__ and name in top.__all__ and getattr(top, name) is obj:
+        return top.__name__
     return None
 
 
@@ -92,10 +95,12 @@ def _template_context() -> dict[str, Any]:
             package = _exporter(modules, modname, name, obj) if inspect.isclass(obj) else None
             if package is not None:
                 documented.setdefault(modname, []).append({"name": name, "public": f"{package}.{name}"})
-        if exported and hasattr(module, "__path__"):
+        if exported and modname == "lightning_chaos":
             elsewhere = {item["name"] for item in documented.get(modname, [])}
             public[modname] = [name for name in exported if name not in elsewhere]
-    return {"documented_with_package": documented, "public_names": public}
+    # packages whose __all__ gathers names defined in their modules: their page links to the modules
+    gathering = [m for m, module in modules.items() if hasattr(module, "__path__") and m != "lightning_chaos"]
+    return {"documented_with_package": documented, "public_names": public, "gathering": gathering}
 
 
 autosummary_context = _template_context()
@@ -117,6 +122,8 @@ nitpick_ignore_regex = [
     (r"py:.*", rf"({'|'.join(_THIRD_PARTY)})(\..+)?"),
     (r"py:.*", rf"({'|'.join(sorted(sys.stdlib_module_names))})\..+"),  # collections.abc.Callable, ...
     *((r"py:.*", alias) for alias in _ALIASES),  # names as the code imports them: `from torch import nn`
+    (r"py:class", r"lightning_chaos\..*\.T"),  # type variables of generic signatures
+    (r"py:class", r"dict\[str"),  # Sphinx splits the dataclass signature ``dict[str, Tensor]`` at the comma
 ]
 
 

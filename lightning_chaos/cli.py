@@ -54,6 +54,7 @@ from lightning_chaos.models import Classifier
 
 DEFAULT_LOG_DIR = "chaos_logs"
 DEFAULT_MAX_EPOCHS = 20
+"""Epochs of a run that sets none of ``max_epochs``, ``max_steps`` and ``max_time``."""
 DESCRIPTION = (
     "Train, validate or test lightning_chaos models from YAML configs (see examples/); "
     "model, data and callbacks are chosen by class path."

@@ -304,8 +304,9 @@ class CGD(Optimizer):
         """γ, μ, τ, Nesterov and wd that define the chaos criterion, read from the base's param groups now.
 
         Returns:
-            All five for a ``torch.optim.SGD`` base (:meth:`SGDHyperparameters.from_optimizer`); for any other
-            base its shared learning rate with μ = τ = wd = 0 (plain-SGD boundary ``2/lr``).
+            All five for a ``torch.optim.SGD`` base
+            (:meth:`~lightning_chaos.core.sgd.SGDHyperparameters.from_optimizer`); for any other base its
+            shared learning rate with μ = τ = wd = 0 (plain-SGD boundary ``2/lr``).
 
         Raises:
             ValueError: param groups with different values (SGD: any of the five; others: ``lr``), or values

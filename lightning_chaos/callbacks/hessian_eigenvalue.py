@@ -187,12 +187,12 @@ class HessianEigenvalueMonitor(ProbeCallback):
 
     @property
     def warmup_iters(self) -> int:
-        """Products of the warm-up at most (0: no warm-up)."""
+        """The bound on the warm-up's products (``0`` disables the warm-up)."""
         return self._estimator.warmup_iters
 
     @property
     def n_iter(self) -> int:
-        """Hessian products per computed step at most."""
+        """The bound on the Hessian products of a computed step."""
         return self._estimator.n_iter
 
     @override

@@ -83,7 +83,8 @@ class TangentMapMonitor(ProbeCallback):
 
     Args:
         num_columns: follow k tangent directions (k ≤ N); ``None``: the full map when N ≤
-            ``max_full_params``, else :data:`DEFAULT_COLUMNS` (at least ``num_exponents``).
+            ``max_full_params``, else :data:`~lightning_chaos.callbacks.tangent_map.DEFAULT_COLUMNS`
+            (at least ``num_exponents``).
         max_full_params: largest N for which the full map is accumulated by default.
         num_exponents: number of exponents logged as ``ftle_{i}``.
         lanczos_steps: Lanczos steps for the extreme eigenvalues of each step (k-column mode).

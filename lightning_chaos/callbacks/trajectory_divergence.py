@@ -84,8 +84,9 @@ class TrajectoryDivergence(ProbeCallback):
       ``divergence/{direction}`` = ``‖θ_twin(t) − θ(t)‖`` (``t = 0`` gives ε) and
       ``divergence/random_walk_bound`` = ``√(2TD)σ`` with T = t (see below); after the last step the final
       distances at ``t = T``;
-    - once at the start: ``divergence/init_distance`` (analytic, :func:`~lightning_chaos.core.divergence.
-      default_init_distance`, when every layer's default initialisation is known) and
+    - once at the start: ``divergence/init_distance`` (analytic,
+      :func:`~lightning_chaos.core.divergence.default_init_distance`, when every layer's default
+      initialisation is known) and
       ``divergence/init_distance_sampled`` (root mean square over ``init_samples`` re-initialised pairs):
       the distance of two independently initialised copies, the scale a perturbation must reach to be
       "as different as another seed" (the paper's A.8 reports ≈ 6.38 for a 784-20-10 MLP; the right value

@@ -24,6 +24,10 @@ module                         what is in it
 ``divergence``                 perturbed-twin directions, initialisation baselines, divergence fits
 ``validation``                 argument checks with errors that name the argument
 =============================  ==================================================================
+
+The names below are importable from ``lightning_chaos.core`` directly, except the two entry points that
+share their module's name: ``from lightning_chaos.core.lanczos import lanczos`` and
+``from lightning_chaos.core.slq import slq``.
 """
 
 from lightning_chaos.core.benettin import FiniteTimeLyapunov, positive_qr
@@ -51,7 +55,7 @@ from lightning_chaos.core.divergence import (
     twin_directions,
 )
 from lightning_chaos.core.functional_loss import FunctionalLoss, NoLossError, RNGState
-from lightning_chaos.core.lanczos import LanczosRuns, lanczos, random_block
+from lightning_chaos.core.lanczos import LanczosRuns, random_block
 from lightning_chaos.core.operators import (
     HessianOperator,
     LinearOperator,
@@ -74,7 +78,7 @@ from lightning_chaos.core.projection import (
 )
 from lightning_chaos.core.pruning import STRATEGIES, removal_basis, select_directions
 from lightning_chaos.core.sgd import SGDHyperparameters, sgd_first_step
-from lightning_chaos.core.slq import SLQ_REORTHOGONALIZE_BYTES, slq, slq_count, slq_count_bounds, slq_density
+from lightning_chaos.core.slq import SLQ_REORTHOGONALIZE_BYTES, slq_count, slq_count_bounds, slq_density
 from lightning_chaos.core.stability import (
     EDGE_TOLERANCE,
     EXACT_EDGE_TOLERANCE,
@@ -108,10 +112,8 @@ __all__ = [
     "as_matmat",
     "dense_hessian",
     "hessian_vector_product",
-    "lanczos",
     "random_block",
     "second_order_context",
-    "slq",
     "slq_count",
     "slq_count_bounds",
     "slq_density",

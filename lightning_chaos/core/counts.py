@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 COUNT_KEYS = ("n_chaotic", "n_edge", "n_stable", "n_negative", "n_positive", "n_zero")
-"""The six counts, in logging order: ``n_chaotic + n_edge + n_stable = n_negative + n_zero + n_positive``."""
+"""The six counts in logging order; ``n_chaotic + n_edge + n_stable = n_negative + n_zero + n_positive``."""
 
 
 def _support_radius(nodes: Tensor, weights: Tensor) -> float:

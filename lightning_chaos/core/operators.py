@@ -1,9 +1,9 @@
 """Exact Hessian-vector products and the Hessian as a linear operator.
 
 Conventions: a *functional loss* ``loss_fn(params) -> scalar`` evaluates the loss of a fixed batch for a
-sequence of tensors shaped like the trainable parameters (:class:`~lightning_chaos.core.functional_loss.
-FunctionalLoss` is one); vectors of the parameter space are flat ``(N,)`` (:mod:`lightning_chaos.core.
-params`), blocks of k vectors ``(N, k)``.
+sequence of tensors shaped like the trainable parameters
+(:class:`~lightning_chaos.core.functional_loss.FunctionalLoss` is one); vectors of the parameter space are
+flat ``(N,)`` (:mod:`lightning_chaos.core.params`), blocks of k vectors ``(N, k)``.
 
 The operator contract, shared by every routine that takes an operator (Lanczos, SLQ, the Benettin
 accumulator): an object with ``shape == (N, N)``, ``dtype``, ``device`` and ``matmat(V) -> A V`` for
@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 LossFn = Callable[[Sequence[Tensor]], Tensor]
-"""A functional loss: tensors shaped like the trainable parameters in, scalar loss on a fixed batch out."""
+"""A functional loss (tensors shaped like the trainable parameters in, scalar loss on a fixed batch out)."""
 
 HvpMethod = Literal["auto", "double_backward", "forward_over_reverse"]
 _METHODS = ("auto", "double_backward", "forward_over_reverse")

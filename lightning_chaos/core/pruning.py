@@ -28,7 +28,7 @@ STRATEGIES: tuple[Strategy, ...] = ("chaotic", "negative", "positive", "positive
 Method = Literal["exact", "lanczos"]
 
 METHODS: tuple[Method, ...] = ("exact", "lanczos")
-"""How the eigendirections are found: dense ``eigh`` of the batch Hessian, or extreme Lanczos pairs."""
+"""The ways of finding the eigendirections (dense ``eigh`` of the batch Hessian, or extreme Lanczos pairs)."""
 
 _LANCZOS_ENDS: dict[str, Literal["largest", "smallest", "both"]] = {
     "chaotic": "both",

@@ -29,7 +29,7 @@ def check_int(name: str, value: Any, minimum: int = 1, error: type[Exception] = 
         ``value``.
 
     Raises:
-        error: naming the argument, the allowed range and the value given.
+        ValueError: (or the ``error`` type given) naming the argument, the allowed range and the value.
 
     Example:
         >>> check_int("n_iter", 3)
@@ -69,7 +69,7 @@ def check_number(
         ``float(value)``.
 
     Raises:
-        error: naming the argument, the interval and the value given.
+        ValueError: (or the ``error`` type given) naming the argument, the interval and the value.
 
     Example:
         >>> check_number("delta_q", 0.05, 0.0, low_open=True)
@@ -102,7 +102,7 @@ def check_choice(name: str, value: T, allowed: Iterable[T], error: type[Exceptio
         ``value``.
 
     Raises:
-        error: naming the argument and listing the allowed values.
+        ValueError: (or the ``error`` type given) naming the argument and listing the allowed values.
 
     Example:
         >>> check_choice("method", "exact", ("exact", "lanczos"))
