@@ -141,6 +141,19 @@ class CGD(Optimizer):
     Raises:
         TypeError: no base optimizer, or a base that is itself a CGD.
         ValueError: an argument outside its allowed values (the message names it).
+
+    Example:
+        >>> from lightning_chaos import CGD
+        >>> from lightning_chaos.core.functional_loss import FunctionalLoss
+        >>> model = torch.nn.Linear(3, 1)
+        >>> x, y = torch.randn(16, 3), torch.randn(16, 1)
+        >>> opt = CGD(torch.optim.SGD(model.parameters(), lr=0.1), strategy="positive_curvature")
+        >>> loss = lambda: ((model(x) - y) ** 2).mean()
+        >>> opt.zero_grad(); loss().backward()
+        >>> opt.set_curvature(FunctionalLoss(model, loss))
+        >>> _ = opt.step()
+        >>> opt.last_removed, round(opt.last_update_ratio, 4)  # least squares: all curvature is positive
+        (4, 0.0)
     """
 
     def __init__(

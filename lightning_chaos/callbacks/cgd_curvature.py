@@ -37,6 +37,11 @@ class CGDCurvature(ProbeCallback):
 
     Without a CGD among the Trainer's optimizers it warns at fit start and does nothing (so one config can
     list it for runs with and without CGD).
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_chaos import CGDCurvature
+        >>> trainer = pl.Trainer(callbacks=[CGDCurvature()], logger=False, enable_checkpointing=False)
     """
 
     def __init__(self, log_prefix: str = "chaos/") -> None:

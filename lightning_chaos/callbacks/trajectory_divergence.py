@@ -128,6 +128,12 @@ class TrajectoryDivergence(ProbeCallback):
         init_distance_sampled: sampled baseline (``None`` when not computed).
         results: end-of-training summary (``fit``: ``{direction: (a, b)}``, ``sigma``, ``random_walk_bound``,
             ``final``: ``{direction: d(T)}``, ``num_steps``: T, ``num_params``: D).
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_chaos import TrajectoryDivergence
+        >>> twins = TrajectoryDivergence(epsilon=0.1, directions=["random", "max_chaotic"])
+        >>> trainer = pl.Trainer(callbacks=[twins], logger=False, enable_checkpointing=False)
     """
 
     def __init__(

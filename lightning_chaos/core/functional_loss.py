@@ -35,7 +35,16 @@ class NoLossError(Exception):
 
 @dataclass(frozen=True)
 class RNGState:
-    """Snapshot of the torch CPU generator and of every initialised CUDA generator."""
+    """Snapshot of the torch CPU generator and of every initialised CUDA generator.
+
+    Example:
+        >>> state = RNGState.capture()
+        >>> first = torch.rand(2)
+        >>> with state.replay():
+        ...     again = torch.rand(2)
+        >>> torch.equal(first, again)
+        True
+    """
 
     cpu: Tensor
     cuda: tuple[Tensor, ...] = ()
@@ -95,6 +104,14 @@ class FunctionalLoss:
 
     Raises:
         ValueError: if there are no trainable parameters.
+
+    Example:
+        >>> model = nn.Linear(2, 1)
+        >>> x, y = torch.ones(4, 2), torch.zeros(4, 1)
+        >>> loss = FunctionalLoss(model, lambda: ((model(x) - y) ** 2).mean())
+        >>> g = loss.gradient()  # g(θ) as a flat vector; the model and its .grad are untouched
+        >>> loss.dim, tuple(g.shape), model.weight.grad is None
+        (3, (3,), True)
     """
 
     def __init__(

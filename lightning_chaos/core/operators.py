@@ -50,7 +50,13 @@ _METHODS = ("auto", "double_backward", "forward_over_reverse")
 
 @runtime_checkable
 class LinearOperator(Protocol):
-    """A symmetric ``N × N`` operator given by its block product (the contract of the module docstring)."""
+    """A symmetric ``N × N`` operator given by its block product (the contract of the module docstring).
+
+    Example:
+        >>> op = HessianOperator(lambda ps: (ps[0] ** 2).sum(), [torch.ones(3)])
+        >>> isinstance(op, LinearOperator), op.shape
+        (True, (3, 3))
+    """
 
     shape: tuple[int, int]
     dtype: torch.dtype
