@@ -98,6 +98,8 @@ def _panels(count: int) -> tuple[plt.Figure, list[plt.Axes]]:
 def plot_curvature(series: Series, path: str | Path, prefix: str = "chaos/", title: str = "") -> Path | None:
     """λ, 1/h0 and the learning rate against step (log axis), like Figure 1 of the ICLR submission.
 
+    Steps whose estimate did not converge (``h0_converged = 0``) are marked with crosses.
+
     Args:
         series: output of :func:`read_scalars`.
         path: PNG to write.
@@ -117,6 +119,11 @@ def plot_curvature(series: Series, path: str | Path, prefix: str = "chaos/", tit
     for tag, label, color in curves:
         if tag in series:
             ax.plot(*series[tag], label=label, color=color, lw=1)
+    converged = dict(zip(*series.get(f"{prefix}h0_converged", ([], [])), strict=True))
+    if f"{prefix}inv_h0" in series and converged:  # mark the steps whose estimate did not converge
+        off = [(s, v) for s, v in zip(*series[f"{prefix}inv_h0"], strict=True) if not converged.get(s, 1.0)]
+        if off:
+            ax.plot(*zip(*off, strict=True), "x", color="tab:orange", ms=3, label="1/h0 not converged")
     lr = learning_rate(series, prefix)
     if lr is not None:
         steps, values = lr[1]

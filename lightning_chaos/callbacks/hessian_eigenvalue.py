@@ -291,6 +291,7 @@ class HessianEigenvalueMonitor(ProbeCallback):
             "delta_q": (
                 self._estimator.products == "auto"
                 and scale.num_checks > 0
+                and not scale.exact
                 and scale.delta_q < scale.delta_max,
                 f"{name}: finite differences at delta_q={scale.delta_max:g} were more than "
                 f"delta_q_tol={scale.tol:g} off an exact Hessian-vector product along the top direction; "

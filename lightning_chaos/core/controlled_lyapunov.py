@@ -183,7 +183,8 @@ class ControlledLyapunov:
             device: device of the directions.
             max_products: bound on the products of this step (at least ``k``: the warm block).
             tol: convergence tolerance on the relative Ritz residual ``‖Bx − ρx‖ / |ρ|``.
-            first_images: ``B U`` for the current warm block ``U`` if already computed (not counted).
+            first_images: ``B U`` for the first columns of the current warm block ``U``, if already
+                computed (not counted).
 
         Returns:
             The :class:`LyapunovStep`. On an invalid step β is kept and the directions re-drawn.
@@ -191,15 +192,14 @@ class ControlledLyapunov:
         device = torch.device(device)
         warm = self._warm(dim, dtype, device)
         beta = self.beta
-        if first_images is None:
-            images, spent = apply(warm), self.block
-        else:  # the warm block's first column was applied already
-            images = (
-                torch.cat([first_images.reshape(dim, -1), apply(warm[:, 1:])], dim=1)
-                if self.block > 1
-                else first_images.reshape(dim, 1)
-            )
-            spent = self.block - 1
+        known = 0 if first_images is None else first_images.reshape(dim, -1).shape[1]
+        if known == 0:
+            images = apply(warm)
+        elif known < self.block:  # the first columns of the warm block were applied already
+            images = torch.cat([first_images.reshape(dim, known), apply(warm[:, known:])], dim=1)
+        else:
+            images = first_images.reshape(dim, self.block)
+        spent = self.block - known
         basis, columns = warm, images
         if not bool(torch.isfinite(images).all()):
             return self._invalid(dim, dtype, device, spent, beta)
