@@ -329,3 +329,14 @@ def test_a_rung_whose_next_rung_fails_does_not_pass():
     scale = FiniteDifferenceScale(delta_max=0.05, tol=0.05, rungs=3)
     scale.calibrate([DirectionProbe(fd, exact, scale=1.0)])
     assert scale.exact  # 0.05 is exact but 0.0125 is not: no stable rung
+
+
+@pytest.mark.parametrize("products", ["auto", "exact"])
+def test_a_larger_warm_block_on_check_steps(products):
+    """block=2 carries the top residual; on a Δq check step the checked products are the block's own."""
+    model = Quadratic(planted_spectrum())
+    est = HessianEigenEstimator(products=products, block=2, check_every=1, budget=math.inf)
+    for _ in range(4):
+        e = est.step(curvature_of(model))
+        assert e.valid and e.num_products >= 2
+    assert e.converged and e.h0 == pytest.approx(model.eigenvalues[0].item(), rel=1e-4)
