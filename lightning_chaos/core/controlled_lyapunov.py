@@ -184,7 +184,7 @@ class ControlledLyapunov:
             max_products: bound on the products of this step (at least ``k``: the warm block).
             tol: convergence tolerance on the relative Ritz residual ``‖Bx − ρx‖ / |ρ|``.
             first_images: ``B U`` for the first columns of the current warm block ``U``, if already
-                computed (not counted).
+                computed (counted in :attr:`LyapunovStep.num_products`, not applied again).
 
         Returns:
             The :class:`LyapunovStep`. On an invalid step β is kept and the directions re-drawn.
@@ -199,7 +199,7 @@ class ControlledLyapunov:
             images = torch.cat([first_images.reshape(dim, known), apply(warm[:, known:])], dim=1)
         else:
             images = first_images.reshape(dim, self.block)
-        spent = self.block - known
+        spent = self.block  # the given images count as products of this step (their cost is the caller's)
         basis, columns = warm, images
         if not bool(torch.isfinite(images).all()):
             return self._invalid(dim, dtype, device, spent, beta)
