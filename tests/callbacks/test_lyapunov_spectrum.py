@@ -275,9 +275,19 @@ def test_bad_arguments_name_the_argument(kwargs):
 
 
 def test_two_monitors_keep_separate_state():
-    a = LyapunovSpectrumMonitor(log_prefix="chaos/")
-    b = LyapunovSpectrumMonitor(method="lanczos", log_prefix="chaos_b/")
-    assert a.state_key != b.state_key
+    """Two Lanczos monitors with different seeds: each checkpoints its own generator, and their estimates
+    (drawn from those generators) differ, so neither reads the other's state."""
+    a = LyapunovSpectrumMonitor(every_n_steps=1, method="lanczos", slq_steps=12, seed=0, log_prefix="a/")
+    b = LyapunovSpectrumMonitor(every_n_steps=1, method="lanczos", slq_steps=12, seed=1, log_prefix="b/")
+    logger = MemoryLogger()
+    pl.seed_everything(0, verbose=False)
+    tr = trainer([a, b], logger=logger, max_steps=3)
+    tr.fit(TinyModule(), loader())
+    saved = tr._checkpoint_connector.dump_checkpoint()["callbacks"]
+    assert set(saved) >= {a.state_key, b.state_key} and a.state_key != b.state_key
+    assert not torch.equal(saved[a.state_key]["generator"], saved[b.state_key]["generator"])
+    assert torch.equal(saved[a.state_key]["generator"], a.generator.get_state())
+    assert logger.metrics["a/n_chaotic_low"] != logger.metrics["b/n_chaotic_low"]
 
 
 @pytest.mark.parametrize("method", ["exact", "lanczos"])
