@@ -558,9 +558,9 @@ class HessianEigenEstimator:
 
     * ``"auto"``: the warm-up runs on exact Hessian-vector products (when the model has second
       derivatives) and then compares finite differences with exact products along its top Ritz vector
-      and a random direction (:class:`FiniteDifferenceScale`). Where a Δq meets ``delta_q_tol`` the steps
-      use finite differences (one gradient each) at that Δq, re-checked every ``check_every`` computed
-      steps; otherwise (ReLU, max-pool and BatchNorm kinks, attention softmax saturating within Δq) they
+      and :data:`CALIBRATION_DIRECTIONS` random directions (:class:`FiniteDifferenceScale`). Where a Δq and
+      the next smaller one meet ``delta_q_tol`` the steps use finite differences (one gradient each) at
+      that Δq, re-checked every ``check_every`` computed steps; otherwise (ReLU, max-pool and BatchNorm kinks, attention softmax saturating within Δq) they
       use exact products until a check finds a Δq that passes. A model without second derivatives keeps
       finite differences at ``delta_q``, unchecked.
     * ``"finite_difference"``: finite differences at the fixed ``delta_q`` (the paper's method).
@@ -641,6 +641,10 @@ class HessianEigenEstimator:
         """``‖θ‖`` for a relative separation, else 1."""
         return float(torch.linalg.vector_norm(loss.theta())) if self.relative_delta_q else 1.0
 
+    def _separation(self, loss: FunctionalLoss) -> float:
+        """The finite-difference separation of this step: the checked Δq (``"auto"``) or ``delta_q``."""
+        return (self.scale.delta_q if self.products == "auto" else self.scale.delta_max) * self._length(loss)
+
     def _exact(self) -> bool:
         if self.products == "exact":
             return True
@@ -692,7 +696,7 @@ class HessianEigenEstimator:
         if exact:
             return curvature.hessian().matmat
         loss = curvature.loss
-        delta = (self.scale.delta_q if self.products == "auto" else self.scale.delta_max) * self._length(loss)
+        delta = self._separation(loss)
 
         def finite_difference(block: Tensor) -> Tensor:
             if block.shape[1] == 1:
@@ -703,7 +707,7 @@ class HessianEigenEstimator:
 
     def _representable(self, loss: FunctionalLoss, direction: Tensor) -> bool:
         """Whether ``θ + Δq·u`` carries the perturbation ``Δq·u`` to within 1 % in the parameters' dtype."""
-        delta = (self.scale.delta_q if self.products == "auto" else self.scale.delta_max) * self._length(loss)
+        delta = self._separation(loss)
         theta = loss.theta()
         step = delta * direction.to(theta)
         realized = (theta + step) - theta
@@ -791,7 +795,7 @@ class HessianEigenEstimator:
             top=[float(x) for x in top.ritz_values],
             num_products=top.num_products,
             exact_products=exact,
-            delta_q=math.nan if exact else self.scale.delta_q * self._length(curvature.loss),
+            delta_q=math.nan if exact else self._separation(curvature.loss),
             delta_q_error=check_error,
             warmup_products=top.num_products if warming else 0,
         )
