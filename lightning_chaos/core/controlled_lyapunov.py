@@ -560,8 +560,9 @@ class HessianEigenEstimator:
       derivatives) and then compares finite differences with exact products along its top Ritz vector
       and :data:`CALIBRATION_DIRECTIONS` random directions (:class:`FiniteDifferenceScale`). Where a Δq and
       the next smaller one meet ``delta_q_tol`` the steps use finite differences (one gradient each) at
-      that Δq, re-checked every ``check_every`` computed steps; otherwise (ReLU, max-pool and BatchNorm kinks, attention softmax saturating within Δq) they
-      use exact products until a check finds a Δq that passes. A model without second derivatives keeps
+      that Δq, re-checked every ``check_every`` computed steps; otherwise (ReLU, max-pool and BatchNorm
+      kinks, attention softmax saturating within Δq) they use exact products until a check finds a Δq
+      that passes. A model without second derivatives keeps
       finite differences at ``delta_q``, unchecked.
     * ``"finite_difference"``: finite differences at the fixed ``delta_q`` (the paper's method).
     * ``"exact"``: exact Hessian-vector products only (double backward through the step's gradient graph).
