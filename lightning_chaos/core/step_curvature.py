@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lightning_chaos.core.functional_loss import FunctionalLoss
 from lightning_chaos.core.operators import HessianOperator, symmetric_eigh
-from lightning_chaos.core.params import flatten
+from lightning_chaos.core.params import flatten, unflatten
 
 __all__ = ["StepCurvature"]
 
@@ -61,6 +61,16 @@ class StepCurvature:
             else:
                 self._g0 = self.loss.gradient()
         return self._g0
+
+    def g0_tensors(self) -> list[Tensor]:
+        """``g(θ)`` tensor by tensor, shaped like the parameters (no flat copy).
+
+        The training gradients ``p.grad`` themselves when reusable (valid until something edits
+        ``p.grad``, e.g. clipping after ``on_before_optimizer_step``), else views of :meth:`g0`.
+        """
+        if self.reuses_gradient:
+            return [p.grad for p in self._gradient_source]  # type: ignore[misc]
+        return unflatten(self.g0(), self.loss.params)
 
     def hessian(self) -> HessianOperator:
         """Matrix-free Hessian ``H`` of the loss at θ (exact HVPs, reduced like the gradients), shared."""
