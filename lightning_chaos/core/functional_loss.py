@@ -240,7 +240,7 @@ class FunctionalLoss:
             Flat ``(N,)``, reduced across ranks when ``reduce`` is set (before ``g_ref`` is subtracted), a
             new tensor the caller may modify in place. Counts one gradient.
         """
-        grads = self._grad(q)
+        grads: list[Tensor] | tuple[Tensor, ...] = self._grad(q)
         self.num_gradients += 1
         if self.loss_scale != 1.0:
             grads = torch._foreach_div(grads, self.loss_scale)

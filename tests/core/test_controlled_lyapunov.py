@@ -329,3 +329,20 @@ def test_a_rung_whose_next_rung_fails_does_not_pass():
     scale = FiniteDifferenceScale(delta_max=0.05, tol=0.05, rungs=3)
     scale.calibrate([DirectionProbe(fd, exact, scale=1.0)])
     assert scale.exact  # 0.05 is exact but 0.0125 is not: no stable rung
+
+
+@pytest.mark.parametrize("scale", [1e-2, 1.0, 1e2, 1e3, 3e3, 1e4, 1e5, 1e7])
+def test_representability_without_computing_it_agrees_with_computing_it(scale):
+    """Where the rounding bound certifies θ + Δq·u, the explicit test (computed here) passes too."""
+    torch.manual_seed(0)
+    net = nn.Linear(300, 10)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(scale)
+    curvature = curvature_of(net, lambda: net(torch.ones(1, 300)).sum())
+    est = HessianEigenEstimator(products="finite_difference")
+    warm = est.top._warm(curvature.loss.dim, torch.float32, torch.device("cpu"))
+    theta = curvature.loss.theta()
+    step = est.scale.delta_max * warm[:, 0]
+    explicit = bool(((theta + step) - theta - step).norm() <= 1e-2 * step.norm())
+    assert est._representable(curvature, warm) == explicit
