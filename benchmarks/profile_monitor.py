@@ -50,6 +50,7 @@ import lightning_chaos.callbacks.hessian_eigenvalue as monitor_module  # noqa: E
 import lightning_chaos.core.controlled_lyapunov as lyapunov_module  # noqa: E402
 import lightning_chaos.core.functional_loss as loss_module  # noqa: E402
 import lightning_chaos.core.operators as operators_module  # noqa: E402
+import lightning_chaos.core.params as params_module  # noqa: E402
 import lightning_chaos.core.step_curvature as curvature_module  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     OneGradient,
@@ -96,7 +97,8 @@ class Component:
 FORWARD = "the loss (`curvature_loss`: probe forward)"
 BACKWARD = "`torch.autograd.grad` (probe backward)"
 
-# what is wrapped, as the code of this commit calls it; the nesting of the rows is the observed call tree
+# what is wrapped (whatever of it the code has: the same list profiles the code before and after
+# issue 12); the nesting of the rows is the observed call tree
 COMPONENTS: list[Component] = [
     Component(base_module, "record_batch", "record_batch (RNG capture; every step, at batch start)"),
     Component(monitor_module.HessianEigenvalueMonitor, "estimate", "HessianEigenvalueMonitor.estimate"),
@@ -105,8 +107,13 @@ COMPONENTS: list[Component] = [
     Component(batch_module, "skipped_backward", "skipped_backward"),
     Component(batch_module, "loss_closure", "loss_closure"),
     Component(batch_module, "_metrics", "_metrics (modules() walk for torchmetrics)"),
+    Component(params_module.ModuleLayout, "of", "ModuleLayout.of (cached layout, checked)"),
+    Component(batch_module, "metric_guard", "metric_guard"),
     Component(loss_module.FunctionalLoss, "__init__", "FunctionalLoss.__init__ (names, ties, buffers)"),
     Component(curvature_module.StepCurvature, "g0", "StepCurvature.g0 (flatten p.grad)"),
+    Component(curvature_module.StepCurvature, "g0_tensors", "StepCurvature.g0_tensors (p.grad)"),
+    Component(lyapunov_module, "_host_norms", "_host_norms (finiteness of g0, ‖θ‖)"),
+    Component(lyapunov_module, "_theta_norm", "_theta_norm"),
     Component(lyapunov_module.HessianEigenEstimator, "step", "HessianEigenEstimator.step"),
     Component(lyapunov_module.HessianEigenEstimator, "_check", "_check (periodic Δq check)"),
     Component(lyapunov_module.HessianEigenEstimator, "_calibrate", "_calibrate (Δq after the warm-up)"),
@@ -116,13 +123,17 @@ COMPONENTS: list[Component] = [
     Component(lyapunov_module.ControlledLyapunov, "step", "ControlledLyapunov.step"),
     Component(loss_module.FunctionalLoss, "gradient", "FunctionalLoss.gradient (one gradient)"),
     Component(loss_module.FunctionalLoss, "gradients", "FunctionalLoss.gradients (k gradients)"),
+    Component(loss_module.FunctionalLoss, "_grad", "FunctionalLoss._grad (at θ + q)"),
+    Component(loss_module.FunctionalLoss, "_pieces", "FunctionalLoss._pieces (views of q)"),
     Component(loss_module.FunctionalLoss, "_vmapped", "FunctionalLoss._vmapped (vmap)"),
     Component(loss_module, "unflatten", "unflatten (a vector into tensors)"),
     Component(loss_module.FunctionalLoss, "__call__", "FunctionalLoss.__call__ (the loss)"),
     Component(loss_module.RNGState, "replay", "RNGState.replay (enter + exit)", context=True),
     Component(torch.func, "functional_call", "torch.func.functional_call"),
-    Component(loss_module._Call, "forward", "the loss closure"),
+    Component(getattr(loss_module, "_Call", None), "forward", "the loss closure"),
     Component(batch_module, "preserved_metrics", "preserved_metrics (enter + exit)", context=True),
+    Component(getattr(batch_module, "MetricGuard", None), "__enter__", "MetricGuard.__enter__"),
+    Component(getattr(batch_module, "MetricGuard", None), "__exit__", "MetricGuard.__exit__"),
     Component(batch_module, "muted_logging", "muted_logging (enter + exit)", context=True),
     Component(Classifier, "curvature_loss", FORWARD),
     Component(torch.autograd, "grad", BACKWARD),
@@ -135,6 +146,8 @@ COMPONENTS: list[Component] = [
     Component(operators_module, "second_order_context", "second_order_context (enter + exit)", context=True),
     Component(lyapunov_module.ControlledLyapunov, "_exponents", "_exponents (λ)"),
     Component(lyapunov_module.ControlledLyapunov, "_control", "_control (β)"),
+    Component(lyapunov_module, "_direction_statistics", "_direction_statistics (ρ, ‖Bu‖², residual)"),
+    Component(lyapunov_module.ControlledLyapunov, "_ritz", "ControlledLyapunov._ritz (Rayleigh–Ritz, j ≥ 2)"),
     Component(lyapunov_module, "_rayleigh_ritz", "_rayleigh_ritz (eigh of Vᵀ(HV), float64)"),
     Component(lyapunov_module, "_orthogonal_extension", "_orthogonal_extension (Krylov step)"),
     Component(lyapunov_module.ControlledLyapunov, "_next_block", "_next_block (warm start)"),
@@ -251,7 +264,7 @@ def instrumented(recorder: Recorder, components: list[Component]) -> Iterator[No
 
     try:
         for c in components:
-            if not hasattr(c.owner, c.attr):
+            if c.owner is None or c.attr not in vars(c.owner) and not hasattr(c.owner, c.attr):
                 continue  # not in the code of this commit
             wrap = _wrap_context if c.context else _wrap_function
             undo.append(_patch(c.owner, c.attr, lambda f, c=c, wrap=wrap: wrap(f, c.label, recorder)))
@@ -326,7 +339,9 @@ def profile(model: str, mode: str, device: torch.device, steps: int | None = Non
             )
 
     def total(label: str) -> float:
-        return median(sum(recorder.seconds[p].get(i, 0.0) for p in paths if p[-1] == label) for i in monitored)
+        return median(
+            sum(recorder.seconds[p].get(i, 0.0) for p in paths if p[-1] == label) for i in monitored
+        )
 
     progress(f"profile {model} {mode}: monitored {1e3 * by_kind[0]:.2f} ms, plain {1e3 * by_kind[2]:.2f} ms")
     return Profile(
@@ -366,14 +381,20 @@ def table(profiles: list[Profile]) -> str:
 
     rows = [
         line("plain step (steps 3i + 2)", [p.plain for p in profiles], shares=False),
-        line("floor: one extra `torch.autograd.grad` (steps 3i + 1), added", [p.floor_added for p in profiles]),
+        line(
+            "floor: one extra `torch.autograd.grad` (steps 3i + 1), added", [p.floor_added for p in profiles]
+        ),
         line("**monitor (steps 3i), added**", [p.monitor_added for p in profiles]),
         ["**monitor added ÷ floor added**", ""]
         + [cell for p in profiles for cell in (f"**{p.monitor_added / p.floor_added:.2f}×**", "")],
         line("probe forward passes (the loss)", [p.forward for p in profiles]),
         line("probe backward passes (`torch.autograd.grad`)", [p.backward for p in profiles]),
-        line("**beyond the probe's forward + backward**", [p.monitor_added - p.forward - p.backward for p in profiles]),
-        ["host synchronisations in the monitor", ""] + [cell for p in profiles for cell in (f"{p.syncs:.0f}", "")],
+        line(
+            "**beyond the probe's forward + backward**",
+            [p.monitor_added - p.forward - p.backward for p in profiles],
+        ),
+        ["host synchronisations in the monitor", ""]
+        + [cell for p in profiles for cell in (f"{p.syncs:.0f}", "")],
     ]
     first: dict[Path_, int] = {}  # first appearance over the profiles: prefixes come before their paths
     for p in profiles:
@@ -394,7 +415,9 @@ def table(profiles: list[Profile]) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", default="mlp,small_resnet,resnet18")
     parser.add_argument("--modes", default="paper,defaults")
     parser.add_argument("--steps", type=int, help="training steps per run (default: per model)")
@@ -416,7 +439,11 @@ def main(argv: list[str] | None = None) -> str:
         sections += [f"Mode `{mode}` (`HessianEigenvalueMonitor({settings})`; {batches}):", table(profiles)]
     text = "\n\n".join(sections)
     if args.out is not None:
-        write_block(args.out, args.tag, f"<!-- BEGIN RESULTS: {args.tag} -->\n{text}\n<!-- END RESULTS: {args.tag} -->")
+        write_block(
+            args.out,
+            args.tag,
+            f"<!-- BEGIN RESULTS: {args.tag} -->\n{text}\n<!-- END RESULTS: {args.tag} -->",
+        )
     print(text)
     return text
 
