@@ -140,6 +140,32 @@ class StepTimer(Callback):
             self.peaks.append(float(torch.cuda.max_memory_allocated(self.device) - self._base))
 
 
+class OneGradient(Callback):
+    """The floor of every probe: one extra ``torch.autograd.grad`` of the same loss on the same batch.
+
+    On the optimizer steps with ``global_step % every_n_steps == phase``, in ``on_before_optimizer_step``
+    (where the monitors probe), it evaluates ``pl_module.curvature_loss(batch)`` at the current θ and takes
+    its gradient with respect to the trainable parameters, which it discards. Nothing a monitor needs
+    beyond that (perturbed parameters, a functional call, the iteration, logging) is done: the time it adds
+    is what one extra gradient costs, the least a one-gradient probe can add.
+    """
+
+    def __init__(self, every_n_steps: int = 2, phase: int = 0) -> None:
+        self.every_n_steps = every_n_steps
+        self.phase = phase
+        self._batch: Any = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int):
+        self._batch = batch
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any):
+        if trainer.global_step % self.every_n_steps != self.phase:
+            return
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        with torch.enable_grad():
+            torch.autograd.grad(pl_module.curvature_loss(self._batch), params, allow_unused=True)
+
+
 def make_trainer(callbacks: Sequence[Callback], max_steps: int, device: torch.device) -> pl.Trainer:
     """A bare Trainer: no logger, checkpoints, progress bar, summary or validation (nothing but steps)."""
     return pl.Trainer(

@@ -1,10 +1,11 @@
 """Run the lightning_chaos benchmarks and write their markdown tables.
 
-    python benchmarks/run.py --device cpu --models mlp,small_resnet --out benchmarks/README.md   # ~6 min
+    python benchmarks/run.py --device cpu --only timing --models mlp,small_resnet \
+        --out benchmarks/README.md --json benchmarks/results_cpu.json     # ~15 min on 2 shared cores
     python benchmarks/run.py --device cpu --only timing --models resnet18 --tag cpu-resnet18 \
-        --out benchmarks/README.md                                       # ~10 min on 2 shared cores
-    python benchmarks/run.py --device cuda --out benchmarks/README.md    # full GPU run
-    python benchmarks/run.py --smoke --out /tmp/bench.md                 # tiny sizes for CI (< 30 s)
+        --out benchmarks/README.md --json benchmarks/results_cpu_resnet18.json
+    python benchmarks/run.py --device cuda --out benchmarks/README.md    # full GPU run (timing, slq)
+    python benchmarks/run.py --smoke --out /tmp/bench.md                 # tiny sizes for CI
     python benchmarks/run.py --device cpu --only suite --out benchmarks/README.md   # block cpu-suite
 
 With ``--out``, the results replace the block between ``<!-- BEGIN RESULTS: <tag> -->`` and
@@ -29,7 +30,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks import accuracy, slq, suite, timing  # noqa: E402
+from benchmarks import slq, suite, timing  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     device_description,
     quiet,
@@ -54,8 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        default="accuracy,timing,slq",
-        help="comma-separated parts to run: accuracy, timing, slq, suite (the per-step h0 suite of "
+        default="timing,slq",
+        help="comma-separated parts to run: timing, slq, suite (the per-step h0 suite of "
         "benchmarks/suite.py: not in the default, it takes ~15 min on one CPU core)",
     )
     parser.add_argument(
@@ -71,8 +72,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="name of the results block in --out (default: cpu or cuda, smoke-cpu in smoke mode); "
         "use distinct tags to keep the blocks of partial runs side by side",
     )
-    parser.add_argument("--accuracy-steps", type=int, help="training steps of each accuracy run")
-    parser.add_argument("--accuracy-every", type=int, help="exact reference every this many steps")
     return parser.parse_args(argv)
 
 
@@ -95,71 +94,53 @@ def main(argv: list[str] | None = None) -> str:
     if threads is not None:
         torch.set_num_threads(threads)
     parts = {p.strip() for p in args.only.split(",") if p.strip()}
-    unknown = parts - {"accuracy", "timing", "slq", "suite"}
+    unknown = parts - {"timing", "slq", "suite"}
     if unknown:
         raise SystemExit(f"--only: unknown parts {sorted(unknown)}")
     tag = args.tag or ("smoke-" if args.smoke else "") + device.type + (
         "-suite" if parts == {"suite"} else ""
     )
     started = time.perf_counter()
+    command = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    git = suite.git_commit()
     sections = [
         f"### Results on {device.type.upper()}{' (smoke sizes: not measurements)' if args.smoke else ''}",
         f"Machine: {device_description(device)}. Generated {datetime.date.today().isoformat()} by "
-        f"`python benchmarks/run.py {' '.join(sys.argv[1:] if argv is None else argv)}`.",
+        f"`{command}` at commit {(git['commit'] or 'unknown')[:10]}"
+        f"{' (uncommitted changes)' if git['dirty'] else ''}.",
     ]
-    record: dict = {"device": device_description(device), "smoke": args.smoke}
+    record: dict = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "git": git,
+        "machine": device_description(device),
+        "smoke": args.smoke,
+    }
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-
-    if "accuracy" in parts:
-        hidden = (8,) if args.smoke else (32,)
-        steps = args.accuracy_steps or (6 if args.smoke else 240)
-        every = args.accuracy_every or (3 if args.smoke else 12)
-        after = 3 if args.smoke else 50
-        runs = [accuracy.run_accuracy(act, hidden, steps, every, device) for act in ("relu", "tanh")]
-        sections += [
-            "#### (a) Per-step h0 against the exact same-batch h0 (`eigvalsh`) along a training run",
-            "\n".join(accuracy.summary_lines(runs)),
-            accuracy.accuracy_table(runs),
-            "Cold start: the default warm-up against none, before and after the direction has aligned.",
-            accuracy.cold_start_table(runs, after),
-            "#### (b) Finite-Δq bias: finite difference along the exact top eigenvector",
-            accuracy.bias_table(runs),
-        ]
-        record["accuracy"] = [
-            {
-                "name": r.name,
-                "parameters": r.num_params,
-                "points": [
-                    {
-                        "step": p.step,
-                        "h0": p.h0,
-                        "h_min": p.h_min,
-                        "top4": p.top4,
-                        "estimates": p.estimates,
-                        "bias_rayleigh": p.bias_rayleigh,
-                        "bias_lyapunov": p.bias_lyapunov,
-                    }
-                    for p in r.points
-                ],
-            }
-            for r in runs
-        ]
 
     if "timing" in parts:
         wanted = [m.strip() for m in args.models.split(",") if m.strip()]
         chosen = [c for c in timing.cases(device, args.smoke) if c.key in wanted]
-        results = []
-        for case in chosen:
-            results.append(timing.run_case(case, device))
-        rounds = ", ".join(f"{r.case.label}: {r.case.rounds} × {r.case.steps} steps" for r in results)
+        results = [timing.run_case(case, device) for case in chosen]
+        sections.append("#### (c) What each configuration adds to a training step, in floors")
+        sections.append(
+            "Per network: the median over rounds (range) of the computed steps, their ratio to the left-out "
+            "steps of the same run (`every_n_steps=2`), the time a configuration adds (computed − left-out "
+            "step), that time as a multiple of what the floor (one extra `torch.autograd.grad` of the same "
+            "loss) adds in the same round, the cost the configuration counts (gradient-equivalents per "
+            "computed step: `chaos/probe_cost` of the monitors; the spectrum monitor and CGD: their exact "
+            "products at `HVP_COST` plus one graph), and the added time per counted gradient-equivalent in "
+            "floors (1 where the count is right)."
+        )
+        for r in results:
+            sections += [timing.notes(r), timing.timing_table(r)]
         sections += [
-            "#### (c) Step time with the monitor, and the competitors' cost in training steps",
-            f"Rounds × steps per configuration: {rounds}. Ratios: monitored ÷ unmonitored steps of the same "
-            "run (`every_n_steps=2`), median over rounds (range).",
-            timing.timing_table(results),
-            "The same monitored steps against the separate plain runs of the same round (unpaired), and the "
-            "fastest round's monitored step against the fastest plain run:",
-            timing.separate_table(results),
+            "What the constants of the cost count stand for, on each step's own batch and θ (median over "
+            "steps): one gradient of the library's `FunctionalLoss`, the gradient graph (first exact product "
+            "minus the second) and one exact product (double backward), in gradients:",
+            timing.product_table(results),
+            "#### The competitors' cost in training steps, at the monitors' point",
+            timing.competitor_table(results),
             "#### Relative error of each method's h0 against a 100-step Lanczos reference at the same point",
             timing.error_table(results),
             "#### Peak extra memory (CUDA `max_memory_allocated`, MiB)",
@@ -203,14 +184,10 @@ def main(argv: list[str] | None = None) -> str:
         results = suite.run_suite(
             suite.select(args.suite_models), specs, steps=None, every=None, smoke=args.smoke, device=device
         )
-        command = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
         record["suite"] = suite.record(results, specs, vars(args), command, device)
-        git = record["suite"]["git"]
-        commit = (git["commit"] or "unknown")[:10] + (" (uncommitted changes)" if git["dirty"] else "")
         sections += [
             "#### (f) Per-step h0 against the exact same-batch h0 on models wider than digits "
             "(`benchmarks/suite.py`)",
-            f"At commit {commit}.",
             *suite.tables(results, specs, skip=1),
         ]
 
@@ -221,7 +198,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.out is not None:
         write_block(args.out, tag, block)
     if args.json is not None:
-        args.json.write_text(json.dumps(record, indent=1, default=float))
+        args.json.write_text(json.dumps(suite.strict(record), indent=1, allow_nan=False) + "\n")
     print(block)
     return block
 

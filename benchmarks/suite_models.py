@@ -11,7 +11,7 @@ function of the module and the batch that computes the same number).
 Cases (``key``: what it is):
 
 * ``digits_relu``, ``digits_tanh``: ``Classifier(MLP(64, (32,), 10))`` on the embedded 8×8 digits,
-  batch 128, SGD lr 0.1 (the setting of ``benchmarks/accuracy.py``);
+  batch 128, SGD lr 0.1 (the digits MLP of ``benchmarks/timing.py``);
 * ``bn_cnn``: two 3×3 convolutions with train-mode BatchNorm, ReLU and 2×2 max-pooling, then a linear
   layer; random 3×16×16 images whose 10 labels come from a fixed random linear teacher; batch 64;
 * ``transformer``: a one-layer ``nn.TransformerEncoderLayer`` language model (embedding, sinusoidal

@@ -135,7 +135,7 @@ def _is_private(cls: type) -> bool:
 def _public_bases(app: Any, name: str, obj: object, options: Any, bases: list[Any]) -> None:
     """Show public classes under "Bases:".
 
-    A private base (``callbacks._step.ProbeCallback``) has no page, so it is replaced by its own bases,
+    A private base (``callbacks._base.ProbeCallback``) has no page, so it is replaced by its own bases,
     recursively, up to the first public ones.
     """
     resolved: list[Any] = []

@@ -20,8 +20,8 @@ from benchmarks.reference import (  # noqa: E402
     power_iteration,
 )
 from benchmarks.run import write_block  # noqa: E402
-from lightning_chaos.core.params import unflatten  # noqa: E402
 from lightning_chaos.core.functional_loss import FunctionalLoss  # noqa: E402
+from lightning_chaos.core.params import unflatten  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def smoke(tmp_path_factory):
         timeout=300,
         capture_output=True,
     )
-    return markdown.read_text(), json.loads(raw.read_text())
+    return markdown.read_text(), _strict_json(raw.read_text())
 
 
 def table_rows(text, header_start):
@@ -53,32 +53,29 @@ def table_rows(text, header_start):
 
 
 def test_smoke_run_writes_every_table(smoke):
+    from benchmarks.timing import CONFIGS
+
     text, raw = smoke
     assert text.startswith("# Benchmarks\n\nhand-written text stays")
     assert "<!-- BEGIN RESULTS: smoke-cpu -->" in text and "<!-- END RESULTS: smoke-cpu -->" in text
-    accuracy = table_rows(text, "| network | monitor configuration |")
-    configurations = {row[1] for row in accuracy}
-    assert {
-        "n_iter=1 (default)",
-        "n_iter=2",
-        "n_iter=4",
-        "probe_fraction=0.25",
-        "top_k=4: h0",
-    } <= configurations
-    assert {row[0] for row in accuracy} == {"digits MLP 64-8-10 relu", "digits MLP 64-8-10 tanh"}
-    # gradients per step as documented: n_iter (top_k), +1 for g(θ) on a sub-batch
-    grads = {(row[0], row[1]): row[2] for row in accuracy}
-    assert grads[("digits MLP 64-8-10 relu", "n_iter=4")] == "4"
-    assert grads[("digits MLP 64-8-10 relu", "probe_fraction=0.25")] == "2"
-    bias = table_rows(text, "| network | Δq |")
-    assert len(bias) == 2 * 5
-    timing = table_rows(text, "| network | parameters | batch |")
-    assert [row[0] for row in timing] == [
-        "digits MLP 64-8-10",
-        "small ResNet (width 2)",
-        "ResNet-18 (width 2)",
-    ]
-    assert all(row[4].endswith("×") for row in timing)  # a ratio for the monitor on every network
+    networks = ["digits MLP 64-8-10", "small ResNet (width 2)", "ResNet-18 (width 2)"]
+    # one timing table per network: every configuration, the floor, multiples of the floor's added time
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("| configuration | computed step |")]
+    assert len(starts) == len(networks)
+    for start in starts:
+        rows = table_rows("\n".join(lines[start:]), "| configuration | computed step |")
+        assert [row[0] for row in rows] == [config.label for config in CONFIGS]
+        floor = next(row for row in rows if row[0].startswith("floor"))
+        assert floor[4].startswith("1.00×") and floor[5] == "1.00"
+        assert all(
+            row[4].endswith("×") and row[6].endswith("×") for row in rows[1:]
+        )  # multiples of the floor
+    products = table_rows(text, "| network | one gradient (ms) |")
+    assert [row[0] for row in products] == networks
+    competitors = table_rows(text, "| network | parameters | batch |")
+    assert [row[0] for row in competitors] == networks
+    assert all("HVPs" in row[4] for row in competitors)  # power iteration, in training steps
     errors = table_rows(text, "| network | points | reference h0")
     assert len(errors) == 3
     exact_slq = table_rows(text, "| network | lr | N | points |")
@@ -86,7 +83,10 @@ def test_smoke_run_writes_every_table(smoke):
     assert all(cell.endswith("%") for cell in exact_slq[0][4:9])  # median / max error per tolerance
     large = table_rows(text, "| network | N | step |")
     assert [row[2] for row in large] == ["0", "2"]
-    assert len(raw["timing"]) == 3 and len(raw["accuracy"]) == 2
+    assert {"date", "command", "git", "machine", "timing", "slq"} <= set(raw)
+    assert [case["label"] for case in raw["timing"]] == networks
+    assert set(raw["timing"][0]["runs"]) == {config.key for config in CONFIGS}
+    assert {"graph_over_gradient", "hvp_over_gradient"} <= set(raw["timing"][0]["products"])
     assert len(raw["slq"]["exact"]) == 1 and len(raw["slq"]["large"]["points"]) == 2
 
 

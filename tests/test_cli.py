@@ -18,7 +18,16 @@ from helpers import charts, layouts, matching
 
 from lightning_chaos import HessianEigenvalueMonitor, InverseCurvatureLR
 from lightning_chaos.cli import ChaosCLI, main
-from lightning_chaos.dashboards import EIGENVALUES, INVERSE_CURVATURE, LAMBDA, LOSS, PROBE
+from lightning_chaos.dashboards import (
+    CONVERGED,
+    COUNTERS,
+    DELTA_Q,
+    EIGENVALUES,
+    INVERSE_CURVATURE,
+    LAMBDA,
+    LOSS,
+    PROBE,
+)
 from lightning_chaos.data import DigitsDataModule
 from lightning_chaos.plot import read_scalars
 
@@ -256,9 +265,10 @@ def test_quasi_newton_config_trains_on_digits_and_writes_the_dashboard(tmp_path)
     tags = set(series)
     assert {"train/loss_step", "train/loss_epoch", "val/loss"} <= matching(written["training"][LOSS], tags)
     curvature = written["lightning_chaos: chaos/"]  # the charts of the monitor InverseCurvatureLR owns
-    assert list(curvature) == [LAMBDA, INVERSE_CURVATURE, EIGENVALUES, PROBE]
+    assert list(curvature) == [LAMBDA, INVERSE_CURVATURE, EIGENVALUES, PROBE, CONVERGED, COUNTERS, DELTA_Q]
+    assert matching(curvature[CONVERGED], tags) == {"chaos/h0_converged"}
     assert matching(curvature[INVERSE_CURVATURE], tags) == {"chaos/inv_h0", "chaos/beta", "chaos/lr"}
-    assert {"chaos/h0", "chaos/h0_rayleigh", "chaos/h0_ema"} <= matching(curvature[EIGENVALUES], tags)
+    assert {"chaos/h0", "chaos/h0_lyapunov", "chaos/h0_ema"} <= matching(curvature[EIGENVALUES], tags)
     owned = cli.trainer.callbacks[[type(c) for c in cli.trainer.callbacks].index(InverseCurvatureLR)]
     assert isinstance(owned.monitor, HessianEigenvalueMonitor) and owned.monitor.warmup_iterations > 0
     assert torch.isfinite(torch.tensor(series["chaos/inv_h0"][1])).all()

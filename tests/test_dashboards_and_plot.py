@@ -188,12 +188,17 @@ def test_plot_shows_what_each_group_logged(logdirs, tmp_path, figures):
     plot.main([str(logdirs["curvature"]), "--out", str(tmp_path)])
     curvature = figures[-2].axes[0]
     assert curvature.get_yscale() == "log"
-    assert [line.get_label() for line in curvature.get_lines()] == [
+    unconverged = [v == 0 for v in read_scalars(logdirs["curvature"])["chaos/h0_converged"][1]]
+    lines = {line.get_label(): line for line in curvature.get_lines()}
+    assert list(lines) == [
         "Lyapunov exponent λ",
         "inverse curvature 1/h0",
+        *(["1/h0 not converged"] if any(unconverged) else []),
         "learning rate (chaos/lr)",
         "lr/2 (edge of stability)",
     ]
+    if any(unconverged):  # one cross per unconverged step
+        assert len(lines["1/h0 not converged"].get_xdata()) == sum(unconverged)
 
 
 def test_plot_of_a_run_without_chaos_series_writes_only_what_exists(tmp_path, capsys):

@@ -240,7 +240,9 @@ class HessianEigenvalueMonitor(ProbeCallback):
         loss = curvature.loss
         before = loss.num_gradients
         reuse = self.reuse_gradient or not curvature.reuses_gradient
-        g0 = curvature.g0() if reuse else loss.gradient()
+        if reuse:
+            curvature.g0_tensors()  # g(θ): the training gradient, or computed here (once per step)
+        g0 = None if reuse else loss.gradient()
         extra = loss.num_gradients - before  # g(θ), when this step computed it
         estimate = self._estimator.step(curvature, g0=g0)
         estimate.num_gradients += extra
@@ -275,45 +277,49 @@ class HessianEigenvalueMonitor(ProbeCallback):
 
     def _warn(self, trainer: pl.Trainer) -> None:
         """Say once per run what makes the numbers less than they seem, and which setting helps."""
+        scale, auto = self._estimator.scale, self._estimator.products == "auto"
+        conditions = {
+            "unconverged": self.computed_steps >= 20
+            and self.unconverged_steps > UNCONVERGED_WARNING_SHARE * self.computed_steps,
+            "delta_q": auto and scale.num_checks > 0 and not scale.exact and scale.delta_q < scale.delta_max,
+            "exact": auto and scale.exact,
+            "second_order": auto and not self._estimator.second_order,
+        }
+        for key, condition in conditions.items():
+            if condition and key not in self._notices:
+                self._notices.add(key)
+                rank_zero_warn(self._message(key))
+
+    def _message(self, key: str) -> str:
+        """The warning of :meth:`_warn` for ``key`` (formatted only when it is given)."""
         name = type(self).__name__
         scale = self._estimator.scale
         messages = {
             "unconverged": (
-                self.computed_steps >= 20
-                and self.unconverged_steps > UNCONVERGED_WARNING_SHARE * self.computed_steps,
                 f"{name}: {self.unconverged_steps} of {self.computed_steps} computed steps did not converge "
                 f"within budget={self._estimator.budget:g} gradient-equivalents per step (n_iter="
                 f"{self.n_iter}); their h0 (chaos/h0_converged = 0) is typically low. The batches' top "
                 "eigenvectors change from step to step, so each step needs a Krylov solve: raise `budget` "
                 "and `n_iter` (or compute every_n_steps with a larger budget), or read h0 where "
-                "h0_converged = 1.",
+                "h0_converged = 1."
             ),
             "delta_q": (
-                self._estimator.products == "auto"
-                and scale.num_checks > 0
-                and not scale.exact
-                and scale.delta_q < scale.delta_max,
                 f"{name}: finite differences at delta_q={scale.delta_max:g} were more than "
                 f"delta_q_tol={scale.tol:g} off an exact Hessian-vector product along the top direction; "
                 f"using delta_q={scale.delta_q:g} (measured error {scale.error:.2g}). Pass "
-                f"delta_q={scale.delta_q:g} to start there.",
+                f"delta_q={scale.delta_q:g} to start there."
             ),
             "exact": (
-                self._estimator.products == "auto" and scale.exact,
                 f"{name}: no finite-difference separation met delta_q_tol={scale.tol:g} on this model "
                 "(rounding below, nonlinearity above); the products are exact Hessian-vector products "
-                "(about twice the cost of a gradient each). Pass products='exact' to skip the checks.",
+                "(about twice the cost of a gradient each). Pass products='exact' to skip the checks."
             ),
             "second_order": (
-                self._estimator.products == "auto" and not self._estimator.second_order,
                 f"{name}: the model has no second derivatives (an operation without double backward), so "
-                f"finite differences at delta_q={scale.delta_max:g} are not checked against exact products.",
+                f"finite differences at delta_q={scale.delta_max:g} are not checked against exact products."
             ),
         }
-        for key, (condition, message) in messages.items():
-            if condition and key not in self._notices:
-                self._notices.add(key)
-                rank_zero_warn(message)
+        return messages[key]
 
     @override
     def state_dict(self) -> dict[str, Any]:

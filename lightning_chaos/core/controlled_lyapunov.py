@@ -52,6 +52,7 @@ from torch import Tensor
 from lightning_chaos.core.benettin import positive_qr
 from lightning_chaos.core.functional_loss import FunctionalLoss
 from lightning_chaos.core.operators import SecondOrderError
+from lightning_chaos.core.params import flatten, unflatten
 from lightning_chaos.core.step_curvature import StepCurvature
 from lightning_chaos.core.validation import check_choice, check_int, check_number
 
@@ -193,7 +194,7 @@ class ControlledLyapunov:
         warm = self._warm(dim, dtype, device)
         beta = self.beta
         known = 0 if first_images is None else first_images.reshape(dim, -1).shape[1]
-        if known == 0:
+        if first_images is None or known == 0:
             images = apply(warm)
         elif known < self.block:  # the first columns of the warm block were applied already
             images = torch.cat([first_images.reshape(dim, known), apply(warm[:, known:])], dim=1)
@@ -201,33 +202,45 @@ class ControlledLyapunov:
             images = first_images.reshape(dim, self.block)
         spent = self.block  # the given images count as products of this step (their cost is the caller's)
         basis, columns = warm, images
-        if not bool(torch.isfinite(images).all()):
-            return self._invalid(dim, dtype, device, spent, beta)
-        exponents, rho0 = self._exponents(warm[:, : self.k], images[:, : self.k], beta)
-        self._control(float(exponents[0]), float(rho0), dtype)
-        while True:
-            ritz_all, coefficients = _rayleigh_ritz(basis, columns, self.block)
-            ritz = ritz_all[: self.k]
-            vectors, mapped = basis @ coefficients[:, : self.k], columns @ coefficients[:, : self.k]
-            residuals = torch.linalg.vector_norm(mapped - vectors * ritz.to(dtype), dim=0).double()
-            unconverged = (residuals > tol * ritz.abs()).nonzero().flatten()
-            if unconverged.numel() == 0 or spent >= max_products:
-                break
+        coefficients: Tensor | None = None
+        if self.block == 1:
+            # one warm direction u: its Ritz pair on span{u} is (ρ, u) with ρ = uᵀBu (no eigensolver), and
+            # ρ, ‖Bu‖² and the residual reach the host together; ‖Bu‖² is finite only if Bu is
+            rho, square, residual = _direction_statistics(warm[:, 0], images[:, 0])
+            if not math.isfinite(square) and not bool(torch.isfinite(images).all()):
+                return self._invalid(dim, dtype, device, spent, beta)
+            exponent = _growth_exponent(rho, square, beta)
+            self._control(exponent, rho, dtype)
+            lyapunov_value = math.expm1(exponent) / beta if exponent > _floor(dtype) else math.nan
+            ritz, residuals, exponents, lyapunov = torch.tensor(
+                [[rho], [residual], [exponent], [lyapunov_value]], dtype=torch.float64
+            ).unbind()
+            vectors, mapped = warm, images
+        else:
+            if not bool(torch.isfinite(images).all()):
+                return self._invalid(dim, dtype, device, spent, beta)
+            exponents, rho0 = self._exponents(warm[:, : self.k], images[:, : self.k], beta)
+            self._control(float(exponents[0]), float(rho0), dtype)
+            lyapunov = torch.where(exponents > _floor(dtype), torch.expm1(exponents) / beta, math.nan)
+            ritz, coefficients, vectors, mapped, residuals = self._ritz(basis, columns, dtype)
+        unconverged = _unconverged(residuals, ritz, tol)
+        while unconverged and spent < max_products:
             # B x_i orthogonalised against span(basis) is the direction of its residual B x_i − ρ_i x_i
-            extension = _orthogonal_extension(basis, mapped[:, int(unconverged[0])])
+            extension = _orthogonal_extension(basis, mapped[:, unconverged[0]])
             if extension is None:  # the Krylov space is invariant: the Ritz pairs are exact
-                unconverged = unconverged[:0]
+                unconverged = []
                 break
             image = apply(extension)
             spent += 1
             if not bool(torch.isfinite(image).all()):
                 return self._invalid(dim, dtype, device, spent, beta)
             basis, columns = torch.cat([basis, extension], dim=1), torch.cat([columns, image], dim=1)
-        lyapunov = torch.where(exponents > _floor(dtype), torch.expm1(exponents) / beta, math.nan)
-        self.basis = self._next_block(basis, coefficients, ritz, mapped, beta)
+            ritz, coefficients, vectors, mapped, residuals = self._ritz(basis, columns, dtype)
+            unconverged = _unconverged(residuals, ritz, tol)
+        self.basis = self._next_block(basis, coefficients, vectors, ritz, mapped, beta)
         return LyapunovStep(
             valid=True,
-            converged=unconverged.numel() == 0,
+            converged=not unconverged,
             ritz_values=ritz,
             residuals=residuals,
             exponents=exponents,
@@ -238,18 +251,34 @@ class ControlledLyapunov:
             images=mapped,
         )
 
+    def _ritz(self, basis: Tensor, columns: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        """Top-k Ritz values, coefficients, unit vectors, images and residual norms on ``span(basis)``."""
+        ritz_all, coefficients = _rayleigh_ritz(basis, columns, self.block)
+        ritz = ritz_all[: self.k]
+        vectors, mapped = basis @ coefficients[:, : self.k], columns @ coefficients[:, : self.k]
+        residuals = torch.linalg.vector_norm(mapped - vectors * ritz.to(dtype), dim=0).double()
+        return ritz, coefficients, vectors, mapped, residuals
+
     def _next_block(
-        self, basis: Tensor, coefficients: Tensor, ritz: Tensor, mapped: Tensor, beta: float
+        self,
+        basis: Tensor,
+        coefficients: Tensor | None,
+        vectors: Tensor,
+        ritz: Tensor,
+        mapped: Tensor,
+        beta: float,
     ) -> Tensor:
         """The next warm block: the controlled iteration applied to the top-k Ritz vectors, and more.
 
         With a block larger than k: the top residual and further Ritz vectors up to the block size, so that
         the block spans ``x_1`` and ``Hx_1`` (one Lanczos step carried over to the next batch).
         """
-        vectors = basis @ coefficients[:, : self.k]
-        iterate = vectors + beta * mapped
+        iterate = (mapped * beta).add_(vectors)  # x + βBx
         if self.block == self.k:
+            if self.k == 1:  # the QR of one column is its normalisation
+                return iterate.div_(torch.linalg.vector_norm(iterate))
             return positive_qr(iterate)[0]
+        assert coefficients is not None  # a block larger than k went through Rayleigh–Ritz
         residual = mapped[:, :1] - vectors[:, :1] * ritz[:1].to(vectors.dtype)
         others = basis @ coefficients[:, self.k : self.block - 1]
         return positive_qr(torch.cat([iterate, residual, others], dim=1))[0]
@@ -257,9 +286,8 @@ class ControlledLyapunov:
     def _exponents(self, warm: Tensor, images: Tensor, beta: float) -> tuple[Tensor, Tensor]:
         """Benettin exponents ``log|R_jj|`` of ``(I + βB)U`` and the Rayleigh quotient of ``u_0``."""
         rho0 = warm[:, 0] @ images[:, 0]
-        if self.k == 1:  # ‖u + βBu‖² = 1 + 2βρ + β²‖Bu‖² for a unit u: two dot products, no QR
-            growth = 1.0 + 2.0 * beta * float(rho0) + beta * beta * float(images[:, 0] @ images[:, 0])
-            exponent = 0.5 * math.log(growth) if growth > 0 else -math.inf
+        if self.k == 1:
+            exponent = _growth_exponent(float(rho0), float(images[:, 0] @ images[:, 0]), beta)
             return torch.tensor([exponent], dtype=torch.float64), rho0
         _, r_diag = positive_qr((warm + beta * images).double())
         return torch.log(r_diag), rho0
@@ -304,6 +332,63 @@ def _floor(dtype: torch.dtype) -> float:
     return 100 * torch.finfo(dtype).eps
 
 
+_THETA_NORM = "controlled_lyapunov.theta_norm"
+"""Key of ``‖θ‖`` in the step's :attr:`StepCurvature.cache` (computed at most once per step)."""
+
+
+def _counts(curvature: StepCurvature, before: tuple[int, ...]) -> tuple[int, int, int]:
+    """Gradients, exact products and gradient graphs of the step's curvature since ``before``."""
+    operator = curvature.cache.get("hessian")
+    gradients = curvature.loss.num_gradients - before[0]
+    if operator is None:
+        return gradients, 0, 0
+    return gradients, operator.num_hvps - before[1], operator.num_graphs - before[2]
+
+
+def _space(loss: FunctionalLoss) -> tuple[int, torch.dtype, torch.device]:
+    """``N``, dtype and device of the parameter space of ``loss``."""
+    return loss.dim, loss.params[0].dtype, loss.params[0].device
+
+
+def _host_norms(tensors: list[Tensor]) -> list[float]:
+    """The Euclidean norm of each tensor, brought to the host in one transfer where they share a dtype."""
+    norms = torch._foreach_norm(tensors)
+    try:
+        return torch.stack(norms).tolist()
+    except RuntimeError:  # tensors of several dtypes or devices
+        return [float(n) for n in norms]
+
+
+def _theta_norm(curvature: StepCurvature) -> float:
+    """``‖θ‖`` of the step, computed once per step (shared with the step's other consumers)."""
+    if _THETA_NORM not in curvature.cache:
+        curvature.cache[_THETA_NORM] = math.hypot(*_host_norms(curvature.loss.params))
+    norm: float = curvature.cache[_THETA_NORM]
+    return norm
+
+
+def _growth_exponent(rho: float, square: float, beta: float) -> float:
+    """``λ = log ‖u + βBu‖`` of a unit u from ``ρ = uᵀBu`` and ``‖Bu‖²``.
+
+    ``‖u + βBu‖² = 1 + 2βρ + β²‖Bu‖²``: two dot products, no QR.
+    """
+    growth = 1.0 + 2.0 * beta * rho + beta * beta * square
+    return 0.5 * math.log(growth) if growth > 0 else -math.inf
+
+
+def _direction_statistics(direction: Tensor, image: Tensor) -> tuple[float, float, float]:
+    """``ρ = uᵀy``, ``‖y‖²`` and the residual ``‖y − ρu‖`` of a unit ``u`` and ``y = Bu``, in one transfer."""
+    rho = direction @ image
+    residual = torch.linalg.vector_norm((direction * rho).sub_(image))  # ‖ρu − y‖ = ‖y − ρu‖
+    rho_value, square, residual_value = torch.stack((rho, image @ image, residual)).tolist()
+    return rho_value, square, residual_value
+
+
+def _unconverged(residuals: Tensor, ritz: Tensor, tol: float) -> list[int]:
+    """Indices of the Ritz pairs whose residual exceeds ``tol · |ρ|``."""
+    return [i for i, (r, rho) in enumerate(zip(residuals.tolist(), ritz.tolist())) if r > tol * abs(rho)]
+
+
 def _rayleigh_ritz(basis: Tensor, images: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-k Ritz values (descending, float64) and coefficient vectors ``(j, k)`` on ``span(basis)``.
 
@@ -321,10 +406,10 @@ def _orthogonal_extension(basis: Tensor, direction: Tensor) -> Tensor | None:
     ``None`` when nothing is left (``direction`` lies in ``span(basis)`` to rounding).
     """
     v = direction.reshape(-1, 1)
-    norm = float(torch.linalg.vector_norm(v))
+    start = torch.linalg.vector_norm(v)
     for _ in range(2):
         v = v - basis @ (basis.T @ v)
-    remaining = float(torch.linalg.vector_norm(v))
+    norm, remaining = torch.stack((start, torch.linalg.vector_norm(v))).tolist()
     if not remaining > math.sqrt(basis.shape[0]) * torch.finfo(basis.dtype).eps * max(norm, 1e-300):
         return None
     return v / remaining
@@ -638,13 +723,14 @@ class HessianEigenEstimator:
         self.second_order = products != "finite_difference"  # False once the model showed it has none
         self._probe_generator = torch.Generator().manual_seed(int(seed) + 2)
 
-    def _length(self, loss: FunctionalLoss) -> float:
+    def _length(self, curvature: StepCurvature) -> float:
         """``‖θ‖`` for a relative separation, else 1."""
-        return float(torch.linalg.vector_norm(loss.theta())) if self.relative_delta_q else 1.0
+        return _theta_norm(curvature) if self.relative_delta_q else 1.0
 
-    def _separation(self, loss: FunctionalLoss) -> float:
+    def _separation(self, curvature: StepCurvature) -> float:
         """The finite-difference separation of this step: the checked Δq (``"auto"``) or ``delta_q``."""
-        return (self.scale.delta_q if self.products == "auto" else self.scale.delta_max) * self._length(loss)
+        delta = self.scale.delta_q if self.products == "auto" else self.scale.delta_max
+        return delta * self._length(curvature)
 
     def _exact(self) -> bool:
         if self.products == "exact":
@@ -656,7 +742,7 @@ class HessianEigenEstimator:
 
         Args:
             curvature: the step's curvature (its loss, training gradient and exact operator).
-            g0: ``g(θ)`` of exactly this loss, ``(N,)``, if known; else ``curvature.g0()``.
+            g0: ``g(θ)`` of exactly this loss, ``(N,)``, if known; else ``curvature.g0_tensors()``.
 
         Returns:
             The :class:`CurvatureEstimate` (``valid=False`` when a gradient or product was not finite).
@@ -668,10 +754,17 @@ class HessianEigenEstimator:
         loss = curvature.loss
         operator = curvature.cache.get("hessian")  # built by an earlier consumer of this step, if any
         before = (loss.num_gradients, *((operator.num_hvps, operator.num_graphs) if operator else (0, 0)))
-        if g0 is None:
-            g0 = curvature.g0()
-        if bool(torch.isfinite(g0).all()):
-            estimate = self._step(curvature, g0, before)
+        gradient = curvature.g0_tensors() if g0 is None else unflatten(g0, loss.params)
+        # finite differences will need ‖θ‖ (whether θ + Δq·u is representable): one pass for both norms
+        theta = not self._exact() or self.relative_delta_q
+        norms = _host_norms([*gradient, *loss.params] if theta else gradient)
+        if theta:
+            curvature.cache.setdefault(_THETA_NORM, math.hypot(*norms[len(gradient) :]))
+        # a norm is finite only if every entry is (a non-finite norm may also be an overflow: check then)
+        if all(map(math.isfinite, norms[: len(gradient)])) or all(
+            bool(torch.isfinite(g).all()) for g in gradient
+        ):
+            estimate = self._step(curvature, gradient, before)
         else:
             estimate = CurvatureEstimate(valid=False)
         self._count(estimate, curvature, before)
@@ -679,56 +772,67 @@ class HessianEigenEstimator:
 
     def _count(self, estimate: CurvatureEstimate, curvature: StepCurvature, before: tuple[int, ...]) -> None:
         """Fill in the step's gradients, exact products, graphs and their cost in gradient-equivalents."""
-        operator = curvature.cache.get("hessian")
-        estimate.num_gradients = curvature.loss.num_gradients - before[0]
-        estimate.num_hvps = operator.num_hvps - before[1] if operator is not None else 0
-        estimate.num_graphs = operator.num_graphs - before[2] if operator is not None else 0
-        estimate.cost = (
-            estimate.num_gradients + HVP_COST * estimate.num_hvps + GRAPH_COST * estimate.num_graphs
-        )
+        estimate.num_gradients, estimate.num_hvps, estimate.num_graphs = _counts(curvature, before)
+        estimate.cost = self._spent(curvature, before)
 
     def _spent(self, curvature: StepCurvature, before: tuple[int, ...]) -> float:
-        probe = CurvatureEstimate(valid=True)
-        self._count(probe, curvature, before)
-        return probe.cost
+        """Gradient-equivalents spent on the step so far."""
+        gradients, hvps, graphs = _counts(curvature, before)
+        return gradients + HVP_COST * hvps + GRAPH_COST * graphs
 
-    def _products(self, curvature: StepCurvature, g0: Tensor, exact: bool) -> BlockOperator:
+    def _products(self, curvature: StepCurvature, g0: list[Tensor], exact: bool) -> BlockOperator:
         """``V ↦ HV`` by exact products or by finite differences at the current Δq."""
         if exact:
             return curvature.hessian().matmat
         loss = curvature.loss
-        delta = self._separation(loss)
+        delta = self._separation(curvature)
+        flat: list[Tensor] = []  # g(θ) as one vector, for blocks of several columns only
 
         def finite_difference(block: Tensor) -> Tensor:
             if block.shape[1] == 1:
-                return ((loss.gradient(delta * block[:, 0]) - g0) / delta).unsqueeze(1)
-            return (loss.gradients(delta * block) - g0[:, None]) / delta
+                return loss.gradient(block[:, 0] * delta, relative_to=g0).div_(delta).unsqueeze(1)
+            flat[:] = flat or [flatten(g0)]
+            return loss.gradients(delta * block).sub_(flat[0][:, None]).div_(delta)
 
         return finite_difference
 
-    def _representable(self, loss: FunctionalLoss, direction: Tensor) -> bool:
-        """Whether ``θ + Δq·u`` carries the perturbation ``Δq·u`` to within 1 % in the parameters' dtype."""
-        delta = self._separation(loss)
+    def _representable(self, curvature: StepCurvature, warm: Tensor) -> bool:
+        """Whether ``θ + Δq·u`` carries the perturbation ``Δq·u`` to within 1 % in the parameters' dtype.
+
+        ``u`` is the first column of the warm block ``warm``.
+
+        Rounded to nearest (ε = eps/2), ``s = Δq·u`` is carried with an error
+        ``‖fl(fl(θ + s) − θ) − s‖ ≤ (1 + ε)² ε (‖θ‖ + 2‖s‖)`` (underflow aside). Where
+        ``eps (‖θ‖ + ‖s‖)`` is below a quarter of the 1 % (a unit u: ``‖s‖ = Δq``), the test passes however
+        its norms are rounded, so it is not computed; otherwise it is, in the parameters' dtype.
+        """
+        loss = curvature.loss
+        delta = self._separation(curvature)
+        eps = torch.finfo(loss.params[0].dtype).eps
+        if eps * (_theta_norm(curvature) + delta) <= 2.5e-3 * delta:
+            return True
         theta = loss.theta()
-        step = delta * direction.to(theta)
+        step = delta * warm[:, 0].to(theta)
         realized = (theta + step) - theta
         return bool(torch.linalg.vector_norm(realized - step) <= 1e-2 * torch.linalg.vector_norm(step))
 
     def _probe(
-        self, curvature: StepCurvature, g0: Tensor, direction: Tensor, image: Tensor, scale: float
+        self, curvature: StepCurvature, g0: list[Tensor], direction: Tensor, image: Tensor, scale: float
     ) -> DirectionProbe:
         """A :class:`DirectionProbe` along ``direction`` (normalised) with its exact ``image``."""
-        loss, length = curvature.loss, self._length(curvature.loss)
+        loss, length = curvature.loss, self._length(curvature)
         norm = torch.linalg.vector_norm(direction)
         unit = direction / norm
 
         def finite_difference(delta: float) -> Tensor:
-            return (loss.gradient(delta * length * unit) - g0) / (delta * length)
+            return loss.gradient(delta * length * unit, relative_to=g0).div_(delta * length)
 
         return DirectionProbe(finite_difference, image / norm, scale)
 
-    def _random_direction(self, like: Tensor) -> Tensor:
-        return torch.randn(like.numel(), generator=self._probe_generator, dtype=torch.float64).to(like)
+    def _random_direction(self, loss: FunctionalLoss) -> Tensor:
+        like = loss.params[0]
+        direction = torch.randn(loss.dim, generator=self._probe_generator, dtype=torch.float64)
+        return direction.to(dtype=like.dtype, device=like.device)
 
     def _max_products(
         self, curvature: StepCurvature, end: ControlledLyapunov, exact: bool, available: float, spent: float
@@ -739,8 +843,8 @@ class HessianEigenEstimator:
         affordable = math.floor((available - spent - graph) / unit) if math.isfinite(available) else math.inf
         return int(max(end.block, min(self.n_iter + end.block - 1, affordable)))
 
-    def _step(self, curvature: StepCurvature, g0: Tensor, before: tuple[int, ...]) -> CurvatureEstimate:
-        dim, dtype, device = g0.numel(), g0.dtype, g0.device
+    def _step(self, curvature: StepCurvature, g0: list[Tensor], before: tuple[int, ...]) -> CurvatureEstimate:
+        dim, dtype, device = _space(curvature.loss)
         warming = self.needs_warmup
         available = math.inf if warming else min(self.credit + self.budget, 3 * self.budget)
         try:
@@ -755,9 +859,14 @@ class HessianEigenEstimator:
             return self._run(curvature, g0, before, warming, available)
 
     def _run(
-        self, curvature: StepCurvature, g0: Tensor, before: tuple[int, ...], warming: bool, available: float
+        self,
+        curvature: StepCurvature,
+        g0: list[Tensor],
+        before: tuple[int, ...],
+        warming: bool,
+        available: float,
     ) -> CurvatureEstimate:
-        dim, dtype, device = g0.numel(), g0.dtype, g0.device
+        dim, dtype, device = _space(curvature.loss)
         exact, first_images, check_error = self._exact(), None, math.nan
         if warming:
             self.top.randomize(dim, dtype, device)
@@ -765,7 +874,7 @@ class HessianEigenEstimator:
             self.steps_since_check += 1
             if self.steps_since_check >= self.check_every:
                 first_images, exact, check_error = self._check(curvature, g0)
-        if not exact and not self._representable(curvature.loss, self.top._warm(dim, dtype, device)[:, 0]):
+        if not exact and not self._representable(curvature, self.top._warm(dim, dtype, device)):
             # θ + Δq·u rounds the perturbation away (huge weights): a finite difference would measure
             # rounding, not curvature
             if not (self.products == "auto" and self.second_order):
@@ -784,19 +893,20 @@ class HessianEigenEstimator:
         if not top.valid:
             self.needs_warmup = self.warmup_iters > 0
             return CurvatureEstimate(valid=False)
+        ritz = top.ritz_values.tolist()
         estimate = CurvatureEstimate(
             valid=True,
             converged=top.converged,
-            h0=float(top.ritz_values[0]),
-            h0_lyapunov=float(top.lyapunov[0]),
-            h0_residual=float(top.residuals[0]),
-            lyapunov_exponent=float(top.exponents[0]),
+            h0=ritz[0],
+            h0_lyapunov=top.lyapunov.tolist()[0],
+            h0_residual=top.residuals.tolist()[0],
+            lyapunov_exponent=top.exponents.tolist()[0],
             beta=top.beta,
             fluctuation=self.top.fluctuation,
-            top=[float(x) for x in top.ritz_values],
+            top=ritz,
             num_products=top.num_products,
             exact_products=exact,
-            delta_q=math.nan if exact else self._separation(curvature.loss),
+            delta_q=math.nan if exact else self._separation(curvature),
             delta_q_error=check_error,
             warmup_products=top.num_products if warming else 0,
         )
@@ -828,15 +938,15 @@ class HessianEigenEstimator:
         self.needs_warmup = False
         return estimate
 
-    def _check(self, curvature: StepCurvature, g0: Tensor) -> tuple[Tensor, bool, float]:
+    def _check(self, curvature: StepCurvature, g0: list[Tensor]) -> tuple[Tensor, bool, float]:
         """Re-check Δq along the warm direction and a random one; returns the step's first images.
 
         The exact product of the warm direction serves as the step's first product (it is exact and
         already paid for); the finite difference at the kept Δq is compared with it.
         """
         self.steps_since_check = 0
-        warm = self.top._warm(g0.numel(), g0.dtype, g0.device)
-        randoms = [self._random_direction(g0).unsqueeze(1) for _ in range(CHECK_DIRECTIONS)]
+        warm = self.top._warm(*_space(curvature.loss))
+        randoms = [self._random_direction(curvature.loss).unsqueeze(1) for _ in range(CHECK_DIRECTIONS)]
         directions = torch.cat([warm, *randoms], dim=1)
         images = curvature.hessian().matmat(directions)
         scale = max(abs(float(directions[:, 0] @ images[:, 0])), self.h0_scale)
@@ -847,9 +957,11 @@ class HessianEigenEstimator:
         self.scale.calibrate(probes)
         return images[:, : self.top.block], self.scale.exact, self.scale.error
 
-    def _calibrate(self, curvature: StepCurvature, g0: Tensor, vector: Tensor, image: Tensor) -> None:
+    def _calibrate(self, curvature: StepCurvature, g0: list[Tensor], vector: Tensor, image: Tensor) -> None:
         """Choose Δq after the warm-up: along its top Ritz vector (exact image known) and a random one."""
-        directions = torch.stack([self._random_direction(g0) for _ in range(CALIBRATION_DIRECTIONS)], dim=1)
+        directions = torch.stack(
+            [self._random_direction(curvature.loss) for _ in range(CALIBRATION_DIRECTIONS)], dim=1
+        )
         images = curvature.hessian().matmat(directions)
         probes = [self._probe(curvature, g0, vector, image, self.h0_scale)] + [
             self._probe(curvature, g0, directions[:, i], images[:, i], self.h0_scale)

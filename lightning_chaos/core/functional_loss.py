@@ -3,8 +3,10 @@
 Every curvature routine needs ``L(θ + q; B)`` and ``g(θ + q; B)`` for perturbations ``q`` while the model
 keeps training. :class:`FunctionalLoss` provides them with three guarantees:
 
-* the model is never mutated: parameters are swapped in with :func:`torch.func.functional_call` and
-  buffers (BatchNorm running statistics) are replaced by clones, so in-place buffer updates hit copies;
+* the model is never mutated: parameters are swapped into the slots they are registered in (what
+  :func:`torch.func.functional_call` does, with the slots found once per model:
+  :class:`~lightning_chaos.core.params.ModuleLayout`) and buffers (BatchNorm running statistics) are
+  replaced by clones, so in-place buffer updates hit copies;
 * the random stream of the training step is replayed (dropout masks of the probe equal those of the step)
   and the caller's random stream is restored afterwards;
 * gradients come from :func:`torch.autograd.grad` with respect to fresh leaf tensors, so ``p.grad`` and
@@ -14,13 +16,14 @@ keeps training. :class:`FunctionalLoss` provides them with three guarantees:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import TracebackType
 
 import torch
 from torch import Tensor, nn
 
-from lightning_chaos.core.params import filled, flatten, num_params, trainable_parameters, unflatten
+from lightning_chaos.core.params import ModuleLayout, Slot, filled, flatten, unflatten
 
 __all__ = ["FunctionalLoss", "NoLossError", "RNGState"]
 
@@ -55,26 +58,50 @@ class RNGState:
         cuda = tuple(torch.cuda.get_rng_state_all()) if torch.cuda.is_initialized() else ()
         return cls(cpu=torch.get_rng_state(), cuda=cuda)
 
-    @contextlib.contextmanager
-    def replay(self) -> Iterator[None]:
+    def replay(self) -> contextlib.AbstractContextManager[None]:
         """Run a block from this snapshot's random state, then restore the state found on entry."""
-        with torch.random.fork_rng(devices=list(range(len(self.cuda)))):
-            torch.set_rng_state(self.cpu)
-            for index, state in enumerate(self.cuda):
-                torch.cuda.set_rng_state(state, index)
-            yield
+        return _Replay(self)
 
 
-class _Call(nn.Module):
-    """Wraps ``module`` so that :func:`functional_call` can reparametrise it around an arbitrary closure."""
+_NO_REPLAY = contextlib.nullcontext()
 
-    def __init__(self, module: nn.Module, compute: Callable[[], Tensor]) -> None:
-        super().__init__()
-        self.module = module
-        self.compute = compute
 
-    def forward(self) -> Tensor:
-        return self.compute()
+class _Replay:
+    """The context manager of :meth:`RNGState.replay` (plain ``get``/``set`` of the generators' states)."""
+
+    __slots__ = ("cpu", "cuda", "snapshot")
+
+    def __init__(self, snapshot: RNGState) -> None:
+        self.snapshot = snapshot
+        self.cpu = snapshot.cpu
+        self.cuda: list[Tensor] = []
+
+    def __enter__(self) -> None:
+        self.cuda = [torch.cuda.get_rng_state(index) for index in range(len(self.snapshot.cuda))]
+        self.cpu = torch.get_rng_state()
+        torch.set_rng_state(self.snapshot.cpu)
+        for index, state in enumerate(self.snapshot.cuda):
+            torch.cuda.set_rng_state(state, index)
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        torch.set_rng_state(self.cpu)
+        for index, state in enumerate(self.cuda):
+            torch.cuda.set_rng_state(state, index)
+
+
+def _slots(module: nn.Module, layout: ModuleLayout, name: str, tensor: Tensor) -> list[Slot]:
+    """Where a parameter of θ is registered in ``module``: by identity (all its tied names), else by name."""
+    try:
+        return layout.slots(tensor)
+    except KeyError:
+        owner, _, key = name.rpartition(".")
+        submodule = module.get_submodule(owner)
+        mapping = submodule._parameters if key in submodule._parameters else submodule._buffers
+        if key not in mapping:
+            raise ValueError(f"FunctionalLoss: {name!r} is no parameter or buffer of the module") from None
+        return [(mapping, key)]
 
 
 class FunctionalLoss:
@@ -101,6 +128,7 @@ class FunctionalLoss:
         update_buffers: let the evaluations update the module's own buffers in place (BatchNorm running
             statistics), as a training forward pass does, instead of working on clones. For stepping a
             copy of a model (a perturbed twin), never for probing the model being trained.
+        layout: ``ModuleLayout.of(module)`` when the caller has it (saves checking it again).
 
     Raises:
         ValueError: if there are no trainable parameters.
@@ -126,24 +154,24 @@ class FunctionalLoss:
         reduce: Callable[[Tensor], Tensor] | None = None,
         vectorize: bool = True,
         update_buffers: bool = False,
+        layout: ModuleLayout | None = None,
     ) -> None:
-        named = list(params) if params is not None else trainable_parameters(module)
+        layout = layout or ModuleLayout.of(module)
+        named = list(params) if params is not None else layout.trainable
         if not named:
             raise ValueError("FunctionalLoss: the module has no parameters with requires_grad=True.")
         self.names = [name for name, _ in named]
         self.params = [p.detach() for _, p in named]
-        self._wrapper = _Call(module, compute)
-        # Every name under which a tensor is reachable (tied weights share one tensor under several names),
-        # resolved once here so that each evaluation can call functional_call with tie_weights=False: its
-        # own tie resolution walks the whole module on every call, the dominant overhead for small models.
-        aliases: dict[int, list[str]] = {}
-        for name, tensor in module.named_parameters(remove_duplicate=False):
-            aliases.setdefault(id(tensor), []).append(f"module.{name}")
-        self._param_keys = [aliases.get(id(p), [f"module.{n}"]) for n, p in named]
-        buffer_aliases: dict[int, tuple[list[str], Tensor]] = {}
-        for name, tensor in module.named_buffers(remove_duplicate=False):
-            buffer_aliases.setdefault(id(tensor), ([], tensor))[0].append(f"module.{name}")
-        self._buffers = [] if update_buffers else list(buffer_aliases.values())
+        self._compute = compute
+        # every slot a parameter is registered in (tied weights: several), then every buffer's slots: an
+        # evaluation swaps its tensors into them and puts the originals back
+        slots = [_slots(module, layout, name, p) for name, p in named]
+        self._owners = [index for index, these in enumerate(slots) for _ in these]
+        self._buffers = [] if update_buffers else layout.buffers
+        self._targets = [slot for these in slots for slot in these]
+        self._targets += [slot for these, _ in self._buffers for slot in these]
+        self._sizes = [p.numel() for p in self.params]
+        self._dim = sum(self._sizes)
         self.rng_state = rng_state
         self.context = context or contextlib.nullcontext
         self.loss_scale = float(loss_scale)
@@ -154,7 +182,7 @@ class FunctionalLoss:
     @property
     def dim(self) -> int:
         """Number ``N`` of trainable parameter entries."""
-        return num_params(self.params)
+        return self._dim
 
     def theta(self) -> Tensor:
         """Return the current point θ as a flat vector ``(N,)``."""
@@ -173,13 +201,20 @@ class FunctionalLoss:
             NoLossError: the closure returned ``None`` (or a dict without a loss).
             ValueError: if the closure does not return a scalar tensor.
         """
-        mapping = {key: t for keys, t in zip(self._param_keys, params) for key in keys}
-        for keys, buffer in self._buffers:
+        tensors = [params[i] for i in self._owners]
+        for slots, buffer in self._buffers:
             copy = buffer.clone()  # in-place updates (BatchNorm running stats) hit the copy
-            mapping.update(dict.fromkeys(keys, copy))
-        replay = self.rng_state.replay() if self.rng_state is not None else contextlib.nullcontext()
-        with replay, self.context():
-            loss = torch.func.functional_call(self._wrapper, mapping, (), tie_weights=False)
+            tensors += [copy] * len(slots)
+        originals = [mapping[key] for mapping, key in self._targets]
+        replay = self.rng_state.replay() if self.rng_state is not None else _NO_REPLAY
+        try:
+            for (mapping, key), tensor in zip(self._targets, tensors):
+                mapping[key] = tensor
+            with replay, self.context():
+                loss = self._compute()
+        finally:
+            for (mapping, key), original in zip(self._targets, originals):
+                mapping[key] = original
         if isinstance(loss, dict):
             loss = loss.get("loss")
         if loss is None:
@@ -187,13 +222,14 @@ class FunctionalLoss:
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(f"The curvature loss must be a scalar tensor, got {shape}.")
-        return loss.reshape(())
+        return loss if loss.ndim == 0 else loss.reshape(())
 
-    def _grad(self, perturbation: Sequence[Tensor] | None) -> list[Tensor]:
-        if perturbation is None:
+    def _grad(self, q: Tensor | None) -> list[Tensor]:
+        """``g(θ + q)`` of the scaled loss, tensor by tensor (not yet divided by ``loss_scale``)."""
+        if q is None:
             leaves = [p.detach().requires_grad_() for p in self.params]
         else:
-            leaves = [(p + dq).requires_grad_() for p, dq in zip(self.params, perturbation)]
+            leaves = [leaf.requires_grad_() for leaf in torch._foreach_add(self.params, self._pieces(q))]
         with torch.enable_grad():
             loss = self(leaves)
             if self.loss_scale != 1.0:
@@ -201,23 +237,36 @@ class FunctionalLoss:
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         return filled(grads, leaves)
 
-    def _finish(self, flat: Tensor, count: int) -> Tensor:
-        self.num_gradients += count
-        if self.loss_scale != 1.0:
-            flat = flat / self.loss_scale
-        return self.reduce(flat) if self.reduce is not None else flat
+    def _pieces(self, vector: Tensor) -> list[Tensor]:
+        """Views of a flat ``(N,)`` vector shaped like the parameters."""
+        return [
+            piece.view(p.shape) if piece.dtype == p.dtype else piece.reshape(p.shape).to(p.dtype)
+            for piece, p in zip(vector.detach().split_with_sizes(self._sizes), self.params, strict=True)
+        ]
 
-    def gradient(self, q: Tensor | None = None) -> Tensor:
-        """Gradient ``g(θ + q)`` of the fixed batch.
+    def gradient(self, q: Tensor | None = None, relative_to: Sequence[Tensor] | None = None) -> Tensor:
+        """Gradient ``g(θ + q)`` of the fixed batch, or its difference ``g(θ + q) − g_ref`` from a reference.
 
         Args:
             q: perturbation ``(N,)``; ``None`` means ``q = 0``.
+            relative_to: ``g_ref`` as tensors shaped like :attr:`params` (e.g. the training gradients
+                ``p.grad``, which are ``g(θ)``), subtracted tensor by tensor: the numerator of a finite
+                difference without a flat copy of ``g_ref``.
 
         Returns:
-            Flat gradient ``(N,)``, reduced across ranks when ``reduce`` is set. Counts one gradient.
+            Flat ``(N,)``, reduced across ranks when ``reduce`` is set (before ``g_ref`` is subtracted), a
+            new tensor the caller may modify in place. Counts one gradient.
         """
-        pieces = None if q is None else unflatten(q.detach(), self.params)
-        return self._finish(flatten(self._grad(pieces)).detach(), 1)
+        grads: list[Tensor] | tuple[Tensor, ...] = self._grad(q)
+        self.num_gradients += 1
+        if self.loss_scale != 1.0:
+            grads = torch._foreach_div(grads, self.loss_scale)
+        if self.reduce is not None:
+            flat = self.reduce(flatten(grads))
+            return flat if relative_to is None else flat - flatten(relative_to)
+        if relative_to is not None:
+            grads = torch._foreach_sub(grads, list(relative_to))
+        return flatten(grads)
 
     def gradients(self, perturbations: Tensor) -> Tensor:
         """Gradients at ``k`` perturbed points, ``G[:, j] = g(θ + Q[:, j])``.
@@ -232,11 +281,19 @@ class FunctionalLoss:
         k = perturbations.shape[1]
         if self.vectorize and k > 1:
             try:
-                return self._finish(self._vmapped(perturbations), k)
+                flat = self._vmapped(perturbations)
             except Exception:  # noqa: BLE001 - any vmap limitation of user code means: use the loop
                 self.vectorize = False
-        columns = [flatten(self._grad(unflatten(perturbations[:, j], self.params))) for j in range(k)]
-        return self._finish(torch.stack(columns, dim=1).detach(), k)
+            else:
+                return self._finish(flat, k)
+        columns = [flatten(self._grad(perturbations[:, j])) for j in range(k)]
+        return self._finish(torch.stack(columns, dim=1), k)
+
+    def _finish(self, flat: Tensor, count: int) -> Tensor:
+        self.num_gradients += count
+        if self.loss_scale != 1.0:
+            flat = flat / self.loss_scale
+        return self.reduce(flat) if self.reduce is not None else flat
 
     def _vmapped(self, perturbations: Tensor) -> Tensor:
         def grad_at(column: Tensor) -> Tensor:

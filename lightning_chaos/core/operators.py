@@ -124,10 +124,10 @@ def as_matmat(
     return matmat, dim, torch.get_default_dtype() if dtype is None else dtype, device
 
 
-def _resolve_method(method: str) -> str:
+def _resolve_method(method: str) -> HvpMethod:
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    return "double_backward" if method == "auto" else method
+    return "forward_over_reverse" if method == "forward_over_reverse" else "double_backward"
 
 
 def _scalar(loss: Tensor) -> Tensor:
@@ -201,8 +201,12 @@ def _vjp_of_grad(ps: list[Tensor], flat_grad: Tensor, cotangents: Tensor, batche
 def _hvp_forward_over_reverse(loss_fn: LossFn, params: Sequence[Tensor], v: Tensor) -> Tensor:
     primals = tuple(p.detach() for p in params)
     tangents = tuple(unflatten(v, primals))
+
+    def loss(ps: tuple[Tensor, ...]) -> Tensor:
+        return _scalar(loss_fn(ps))
+
     with second_order_context():
-        _, hv = torch.func.jvp(torch.func.grad(lambda ps: _scalar(loss_fn(ps))), (primals,), (tangents,))
+        hv = torch.func.jvp(torch.func.grad(loss), (primals,), (tangents,))[1]
     return flatten(hv)
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lightning_chaos.core.functional_loss import FunctionalLoss
 from lightning_chaos.core.operators import HessianOperator, symmetric_eigh
-from lightning_chaos.core.params import flatten
+from lightning_chaos.core.params import flatten, unflatten
 
 __all__ = ["StepCurvature"]
 
@@ -57,10 +57,20 @@ class StepCurvature:
         """Gradient ``g(θ)`` of the loss, ``(N,)``: the training gradient when reusable."""
         if self._g0 is None:
             if self.reuses_gradient:
-                self._g0 = flatten([p.grad for p in self._gradient_source]).detach()  # torch.cat: a copy
+                self._g0 = flatten([_grad(p) for p in self._gradient_source]).detach()  # torch.cat: a copy
             else:
                 self._g0 = self.loss.gradient()
         return self._g0
+
+    def g0_tensors(self) -> list[Tensor]:
+        """``g(θ)`` tensor by tensor, shaped like the parameters (no flat copy).
+
+        The training gradients ``p.grad`` themselves when reusable (valid until something edits
+        ``p.grad``, e.g. clipping after ``on_before_optimizer_step``), else views of :meth:`g0`.
+        """
+        if self.reuses_gradient:
+            return [_grad(p) for p in self._gradient_source]
+        return unflatten(self.g0(), self.loss.params)
 
     def hessian(self) -> HessianOperator:
         """Matrix-free Hessian ``H`` of the loss at θ (exact HVPs, reduced like the gradients), shared."""
@@ -95,3 +105,11 @@ class StepCurvature:
             self.cache["eigvalsh"] = symmetric_eigh(self.dense(), eigenvectors=False)
         values: Tensor = self.cache["eigvalsh"]
         return values
+
+
+def _grad(p: Tensor) -> Tensor:
+    if p.grad is None:
+        raise ValueError(
+            "gradient_source: a parameter has no .grad (reuse gradients after the backward pass)"
+        )
+    return p.grad

@@ -340,3 +340,20 @@ def test_a_larger_warm_block_on_check_steps(products):
         e = est.step(curvature_of(model))
         assert e.valid and e.num_products >= 2
     assert e.converged and e.h0 == pytest.approx(model.eigenvalues[0].item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("scale", [1e-2, 1.0, 1e2, 1e3, 3e3, 1e4, 1e5, 1e7])
+def test_representability_without_computing_it_agrees_with_computing_it(scale):
+    """Where the rounding bound certifies θ + Δq·u, the explicit test (computed here) passes too."""
+    torch.manual_seed(0)
+    net = nn.Linear(300, 10)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(scale)
+    curvature = curvature_of(net, lambda: net(torch.ones(1, 300)).sum())
+    est = HessianEigenEstimator(products="finite_difference")
+    warm = est.top._warm(curvature.loss.dim, torch.float32, torch.device("cpu"))
+    theta = curvature.loss.theta()
+    step = est.scale.delta_max * warm[:, 0]
+    explicit = bool(((theta + step) - theta - step).norm() <= 1e-2 * step.norm())
+    assert est._representable(curvature, warm) == explicit

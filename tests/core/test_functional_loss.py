@@ -177,3 +177,36 @@ def test_tied_weights_are_perturbed_under_every_name():
     before = net.norm.running_mean.clone()
     loss.gradient(q)
     assert torch.equal(net.norm.running_mean, before) and net.alias_of_running_mean is net.norm.running_mean
+
+
+def test_gradient_relative_to_a_reference_is_the_difference_bit_for_bit():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    loss = FunctionalLoss(net, lambda: nn.functional.mse_loss(net(x), y), loss_scale=8.0)
+    reference = [torch.randn_like(p) for p in net.parameters()]
+    q = 0.1 * torch.randn(loss.dim)
+    assert torch.equal(loss.gradient(q, relative_to=reference), loss.gradient(q) - flatten(reference))
+    assert loss.num_gradients == 2
+
+
+def test_tied_weights_are_swapped_under_every_name_and_restored_after_an_error():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Tanh(), nn.Linear(3, 3, bias=False))
+    net[2].weight = net[0].weight  # one tensor, two names
+    x = torch.randn(5, 3)
+    loss = FunctionalLoss(net, lambda: net(x).square().mean())
+    assert loss.dim == 9
+    w = net[0].weight.detach()
+    q = 0.1 * torch.randn(9)
+    moved = w + q.view(3, 3)
+    expected = torch.func.grad(lambda v: (torch.tanh(x @ v.T) @ v.T).square().mean())(moved)
+    torch.testing.assert_close(loss.gradient(q), expected.reshape(-1))
+
+    def failing():
+        raise RuntimeError("inside the loss")
+
+    broken = FunctionalLoss(net, failing)
+    with pytest.raises(RuntimeError, match="inside the loss"):
+        broken(broken.params)
+    assert net[0].weight is net[2].weight and isinstance(net[0].weight, nn.Parameter)
