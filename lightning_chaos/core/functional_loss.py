@@ -192,7 +192,7 @@ class FunctionalLoss:
         """Evaluate ``L`` at the given parameter tensors.
 
         Args:
-            params: tensors shaped like :attr:`params` (may require grad or carry vmap/jvp levels).
+            params: tensors shaped like ``self.params`` (may require grad or carry vmap/jvp levels).
 
         Returns:
             The scalar loss, a 0-dim tensor.
@@ -249,7 +249,7 @@ class FunctionalLoss:
 
         Args:
             q: perturbation ``(N,)``; ``None`` means ``q = 0``.
-            relative_to: ``g_ref`` as tensors shaped like :attr:`params` (e.g. the training gradients
+            relative_to: ``g_ref`` as tensors shaped like ``self.params`` (e.g. the training gradients
                 ``p.grad``, which are ``g(θ)``), subtracted tensor by tensor: the numerator of a finite
                 difference without a flat copy of ``g_ref``.
 

@@ -21,7 +21,7 @@ __all__ = ["ModuleLayout", "Slot", "filled", "flatten", "num_params", "trainable
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 Slot = tuple[dict[str, Any], str]
-"""Where a tensor is registered: the ``_parameters`` or ``_buffers`` dict of a submodule, and its key."""
+"""Where a tensor is registered (the ``_parameters`` or ``_buffers`` dict of a submodule, and its key)."""
 
 
 class ModuleLayout:
@@ -119,7 +119,7 @@ class ModuleLayout:
 
     @property
     def modules(self) -> list[nn.Module]:
-        """Every submodule, the module first, each once: ``module.modules()``."""
+        """Every submodule, the module first, each once (what ``module.modules()`` yields)."""
         root = self._root()
         return ([] if root is None else [root]) + self._submodules
 
