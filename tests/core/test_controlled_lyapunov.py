@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from conftest import Quadratic, planted_spectrum
+from helpers import OnceTanh
 from torch import nn
 
 from lightning_chaos.core.controlled_lyapunov import (
@@ -238,26 +239,13 @@ def test_non_finite_products_invalidate_the_step_and_rewarm():
     assert e.num_gradients == 2  # g(θ) and the one failed product: no retry on that step
 
 
-class NoDoubleBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.tanh(x)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * (1 - torch.tanh(x) ** 2)
-
-
 def test_a_model_without_second_derivatives_keeps_finite_differences():
     torch.manual_seed(0)
     net = nn.Linear(4, 3)
     x, y = torch.randn(16, 4), torch.randn(16, 3)
 
     def loss():
-        return ((NoDoubleBackward.apply(net(x)) - y) ** 2).mean()
+        return ((OnceTanh.apply(net(x)) - y) ** 2).mean()
 
     auto = HessianEigenEstimator(products="auto")
     e = auto.step(curvature_of(net, loss))
