@@ -968,8 +968,7 @@ class HessianEigenEstimator:
         directions = torch.stack(
             [self._random_direction(curvature.loss) for _ in range(CALIBRATION_DIRECTIONS)], dim=1
         )
-        hessian = curvature.hessian()
-        images = torch.cat([hessian.matmat(chunk) for chunk in directions.split(_CHUNK, dim=1)], dim=1)
+        images = curvature.hessian().matmat_chunked(directions, _CHUNK)
         probes = [self._probe(curvature, g0, vector, image, self.h0_scale)] + [
             self._probe(curvature, g0, directions[:, i], images[:, i], self.h0_scale)
             for i in range(CALIBRATION_DIRECTIONS)

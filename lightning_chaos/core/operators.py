@@ -360,6 +360,16 @@ class HessianOperator:
     def __matmul__(self, x: Tensor) -> Tensor:
         return self.matvec(x) if x.ndim == 1 else self.matmat(x)
 
+    def matmat_chunked(self, block: Tensor, chunk_size: int | None) -> Tensor:
+        """:meth:`matmat` applied ``chunk_size`` columns at a time (``None``: all at once).
+
+        The same ``(N, k)`` result; the chunks bound the memory of the batched products.
+        """
+        step = block.shape[1] if chunk_size is None else max(1, int(chunk_size))
+        if block.shape[1] <= step:
+            return self.matmat(block)
+        return torch.cat([self.matmat(chunk) for chunk in block.split(step, dim=1)], dim=1)
+
     def to_dense(self, chunk_size: int | None = 256) -> Tensor:
         """Dense ``(N, N)`` matrix ``A = A I`` from N Hessian-vector products (symmetric up to rounding).
 
@@ -372,10 +382,8 @@ class HessianOperator:
         Returns:
             The ``(N, N)`` matrix, in the operator's dtype and device.
         """
-        n = self.shape[0]
-        eye = torch.eye(n, dtype=self.dtype, device=self.device)
-        step = n if chunk_size is None else max(1, int(chunk_size))
-        return torch.cat([self.matmat(eye[:, i : i + step]) for i in range(0, n, step)], dim=1)
+        eye = torch.eye(self.shape[0], dtype=self.dtype, device=self.device)
+        return self.matmat_chunked(eye, chunk_size)
 
 
 def symmetric_eigh(matrix: Tensor, eigenvectors: bool = True) -> Tensor | tuple[Tensor, Tensor]:

@@ -109,6 +109,10 @@ def test_hessian_operator_matches_dense_hessian(method):
     assert op.num_hvps == 10 + n
     for chunk_size in (None, 1, 7):  # blocks of any width, the last one partial
         torch.testing.assert_close(op.to_dense(chunk_size), exact, rtol=0, atol=1e-12)
+    before = op.num_hvps
+    for chunk_size in (None, 1, 3, 4):
+        torch.testing.assert_close(op.matmat_chunked(block, chunk_size), exact @ block, rtol=0, atol=1e-12)
+    assert op.num_hvps == before + 4 * 4  # every column counted once, whatever the chunks
 
 
 def test_hessian_operator_snapshots_parameters():
