@@ -149,6 +149,12 @@ COMPONENTS: list[Component] = [
     Component(lyapunov_module, "_direction_statistics", "_direction_statistics (ρ, ‖Bu‖², residual)"),
     Component(lyapunov_module.ControlledLyapunov, "_ritz", "ControlledLyapunov._ritz (Rayleigh–Ritz, j ≥ 2)"),
     Component(lyapunov_module, "_rayleigh_ritz", "_rayleigh_ritz (eigh of Vᵀ(HV), float64)"),
+    Component(
+        getattr(lyapunov_module, "_KrylovSpace", None), "rayleigh_ritz", "_KrylovSpace.rayleigh_ritz (eigh)"
+    ),
+    Component(
+        getattr(lyapunov_module, "_KrylovSpace", None), "append", "_KrylovSpace.append (row of Vᵀ(HV))"
+    ),
     Component(lyapunov_module, "_orthogonal_extension", "_orthogonal_extension (Krylov step)"),
     Component(lyapunov_module.ControlledLyapunov, "_next_block", "_next_block (warm start)"),
     Component(lyapunov_module, "positive_qr", "positive_qr (QR of N × k)"),

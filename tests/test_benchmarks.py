@@ -333,3 +333,10 @@ def test_suite_reads_estimates_before_and_after_the_flag_and_a_renamed_count():
     assert read["new"]["num_gradients"] == 3 and read["new"]["converged"] is False
     assert read["new"]["logged_h0"] == 2.0
     assert reference._read("old", *monitors["old"]) == {"fresh": False}  # the same estimate again: stale
+
+
+def test_krylov_growth_runs_its_full_step(capsys):
+    from benchmarks import krylov_growth
+
+    krylov_growth.main(["--dim", "500", "--products", "6", "--repeats", "1"])
+    assert "N = 500, 6 products" in capsys.readouterr().out

@@ -201,7 +201,7 @@ class ControlledLyapunov:
         else:
             images = first_images.reshape(dim, self.block)
         spent = self.block  # the given images count as products of this step (their cost is the caller's)
-        basis, columns = warm, images
+        space: _KrylovSpace | None = None
         coefficients: Tensor | None = None
         if self.block == 1:
             # one warm direction u: its Ritz pair on span{u} is (ρ, u) with ρ = uᵀBu (no eigensolver), and
@@ -222,11 +222,14 @@ class ControlledLyapunov:
             exponents, rho0 = self._exponents(warm[:, : self.k], images[:, : self.k], beta)
             self._control(float(exponents[0]), float(rho0), dtype)
             lyapunov = torch.where(exponents > _floor(dtype), torch.expm1(exponents) / beta, math.nan)
-            ritz, coefficients, vectors, mapped, residuals = self._ritz(basis, columns, dtype)
+            space = _KrylovSpace(warm, images, max_products)
+            ritz, coefficients, vectors, mapped, residuals = self._ritz(space, dtype)
         unconverged = _unconverged(residuals, ritz, tol)
         while unconverged and spent < max_products:
+            if space is None:
+                space = _KrylovSpace(warm, images, max_products)
             # B x_i orthogonalised against span(basis) is the direction of its residual B x_i − ρ_i x_i
-            extension = _orthogonal_extension(basis, mapped[:, unconverged[0]])
+            extension = _orthogonal_extension(space.basis, mapped[:, unconverged[0]])
             if extension is None:  # the Krylov space is invariant: the Ritz pairs are exact
                 unconverged = []
                 break
@@ -234,9 +237,10 @@ class ControlledLyapunov:
             spent += 1
             if not bool(torch.isfinite(image).all()):
                 return self._invalid(dim, dtype, device, spent, beta)
-            basis, columns = torch.cat([basis, extension], dim=1), torch.cat([columns, image], dim=1)
-            ritz, coefficients, vectors, mapped, residuals = self._ritz(basis, columns, dtype)
+            space.append(extension, image)
+            ritz, coefficients, vectors, mapped, residuals = self._ritz(space, dtype)
             unconverged = _unconverged(residuals, ritz, tol)
+        basis = warm if space is None else space.basis
         self.basis = self._next_block(basis, coefficients, vectors, ritz, mapped, beta)
         return LyapunovStep(
             valid=True,
@@ -251,10 +255,11 @@ class ControlledLyapunov:
             images=mapped,
         )
 
-    def _ritz(self, basis: Tensor, columns: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
-        """Top-k Ritz values, coefficients, unit vectors, images and residual norms on ``span(basis)``."""
-        ritz_all, coefficients = _rayleigh_ritz(basis, columns, self.block)
+    def _ritz(self, space: _KrylovSpace, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        """Top-k Ritz values, coefficients, unit vectors, images and residual norms on the space."""
+        ritz_all, coefficients = space.rayleigh_ritz(self.block)
         ritz = ritz_all[: self.k]
+        basis, columns = space.basis, space.images
         vectors, mapped = basis @ coefficients[:, : self.k], columns @ coefficients[:, : self.k]
         residuals = torch.linalg.vector_norm(mapped - vectors * ritz.to(dtype), dim=0).double()
         return ritz, coefficients, vectors, mapped, residuals
@@ -389,15 +394,69 @@ def _unconverged(residuals: Tensor, ritz: Tensor, tol: float) -> list[int]:
     return [i for i, (r, rho) in enumerate(zip(residuals.tolist(), ritz.tolist())) if r > tol * abs(rho)]
 
 
-def _rayleigh_ritz(basis: Tensor, images: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k Ritz values (descending, float64) and coefficient vectors ``(j, k)`` on ``span(basis)``.
+class _KrylovSpace:
+    """An orthonormal basis ``V`` ``(N, j)``, its images ``BV`` and ``T = Vᵀ(BV)``, grown a column at a time.
 
-    ``T = Vᵀ(BV)`` is symmetrised: finite-difference products are symmetric only up to their error.
+    Appending a column costs two passes over ``j × N`` entries (the new row and column of ``T``) instead of
+    recomputing the ``j × j`` projection. Columns are stored as contiguous rows of ``(capacity, N)``
+    buffers that grow geometrically: the copies of a space of ``m`` columns total ``O(mN)``, its memory is
+    at most twice what it holds, and every pass over ``V`` reads contiguous memory.
+
+    Args:
+        basis: ``(N, j0)`` orthonormal start block.
+        images: ``(N, j0)`` its images ``B V``.
+        capacity: columns the space may reach (storage grows up to this, as needed).
     """
-    projected = (basis.T @ images).double()
-    values, vectors = torch.linalg.eigh(0.5 * (projected + projected.T))
-    top = min(k, values.numel())
-    return values.flip(0)[:top], vectors.flip(1)[:, :top].to(basis.dtype)
+
+    def __init__(self, basis: Tensor, images: Tensor, capacity: int) -> None:
+        self.size = basis.shape[1]
+        self.capacity = max(capacity, self.size)
+        self._basis, self._images = basis.T, images.T  # (j, N) views until the first append copies them
+        self.projected = (basis.T @ images).double()
+
+    @property
+    def basis(self) -> Tensor:
+        """``V``, ``(N, j)``."""
+        return self._basis[: self.size].T
+
+    @property
+    def images(self) -> Tensor:
+        """``BV``, ``(N, j)``."""
+        return self._images[: self.size].T
+
+    def append(self, vector: Tensor, image: Tensor) -> None:
+        """Add a unit column ``v`` ``(N, 1)`` orthogonal to ``V`` and its image ``Bv`` ``(N, 1)``."""
+        j = self.size
+        if j == self._basis.shape[0] or not self._basis.is_contiguous():
+            room = max(j + 1, min(2 * j, self.capacity))
+            self._basis, self._images = _grown(self._basis, j, room), _grown(self._images, j, room)
+        self._basis[j] = vector[:, 0]
+        self._images[j] = image[:, 0]
+        column = (self._basis[: j + 1] @ image).double()  # [Vᵀ; vᵀ] Bv, (j + 1, 1)
+        row = (self._images[:j] @ vector).double()  # (BV)ᵀ v, (j, 1)
+        projected = self.projected.new_empty(j + 1, j + 1)
+        projected[:j, :j] = self.projected
+        projected[:, j:] = column
+        projected[j:, :j] = row.T
+        self.projected = projected
+        self.size = j + 1
+
+    def rayleigh_ritz(self, k: int) -> tuple[Tensor, Tensor]:
+        """Top-k Ritz values (descending, float64) and coefficient vectors ``(j, k)`` on ``span(V)``.
+
+        ``T = Vᵀ(BV)`` is symmetrised: finite-difference products are symmetric only up to their error.
+        """
+        projected = self.projected
+        values, vectors = torch.linalg.eigh(0.5 * (projected + projected.T))
+        top = min(k, values.numel())
+        return values.flip(0)[:top], vectors.flip(1)[:, :top].to(self._basis.dtype)
+
+
+def _grown(rows: Tensor, used: int, room: int) -> Tensor:
+    """A contiguous ``(room, N)`` buffer whose first ``used`` rows are those of ``rows``."""
+    grown = rows.new_empty(room, rows.shape[1])
+    grown[:used] = rows[:used]
+    return grown
 
 
 def _orthogonal_extension(basis: Tensor, direction: Tensor) -> Tensor | None:

@@ -15,6 +15,7 @@ from lightning_chaos.core.controlled_lyapunov import (
     DirectionProbe,
     FiniteDifferenceScale,
     HessianEigenEstimator,
+    _KrylovSpace,
 )
 from lightning_chaos.core.functional_loss import FunctionalLoss
 from lightning_chaos.core.operators import SecondOrderError
@@ -78,7 +79,7 @@ def test_one_product_is_the_papers_iteration():
     torch.testing.assert_close(it.basis, d / d.norm())
 
 
-@pytest.mark.parametrize("m", [2, 3, 5])
+@pytest.mark.parametrize("m", [2, 3, 5, 9, 12])
 def test_m_products_give_the_ritz_value_of_the_m_dimensional_krylov_space(m):
     gen = torch.Generator().manual_seed(1)
     q = torch.linalg.qr(torch.randn(30, 30, generator=gen, dtype=F64)).Q
@@ -88,6 +89,35 @@ def test_m_products_give_the_ritz_value_of_the_m_dimensional_krylov_space(m):
     step = it.step(a.__matmul__, 30, dtype=F64, max_products=m, tol=1e-12)
     assert step.num_products == m and not step.converged
     assert step.ritz_values[0].item() == pytest.approx(krylov_ritz(a, start, m), rel=1e-10)
+
+
+@pytest.mark.parametrize("start_columns", [1, 3])
+def test_the_growing_krylov_space_keeps_its_projection_exact(start_columns):
+    gen = torch.Generator().manual_seed(7)
+    dim, capacity = 40, 11
+    a = torch.randn(dim, dim, generator=gen, dtype=F64)
+    a = a + a.T
+    warm = torch.linalg.qr(torch.randn(dim, start_columns, generator=gen, dtype=F64)).Q
+    kept = warm.clone()
+    space = _KrylovSpace(warm, a @ warm, capacity)
+    columns = [warm]
+    for _ in range(capacity - start_columns):  # crosses the geometric growth of the storage
+        basis = torch.cat(columns, dim=1)
+        v = torch.randn(dim, 1, generator=gen, dtype=F64)
+        v = v - basis @ (basis.T @ v)
+        v = v / v.norm()
+        columns.append(v)
+        space.append(v, a @ v)
+    basis = torch.cat(columns, dim=1)
+    torch.testing.assert_close(space.basis, basis, rtol=0, atol=0)
+    torch.testing.assert_close(space.images, a @ basis, rtol=0, atol=1e-12)
+    torch.testing.assert_close(space.projected, basis.T @ a @ basis, rtol=0, atol=1e-12)
+    values, coefficients = space.rayleigh_ritz(2)
+    torch.testing.assert_close(values, torch.linalg.eigvalsh(basis.T @ a @ basis).flip(0)[:2])
+    ritz_vectors = basis @ coefficients  # Galerkin condition: the residuals are orthogonal to span(V)
+    residuals = a @ ritz_vectors - ritz_vectors * values
+    torch.testing.assert_close(basis.T @ residuals, torch.zeros(capacity, 2, dtype=F64), rtol=0, atol=1e-10)
+    torch.testing.assert_close(warm, kept, rtol=0, atol=0)  # the caller's warm block is not written
 
 
 def test_an_invariant_krylov_space_stops_early_and_is_exact():
