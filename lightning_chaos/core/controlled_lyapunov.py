@@ -579,7 +579,13 @@ class FiniteDifferenceScale:
         rung: a smooth loss's finite difference converges as Δq shrinks, whereas a kink crossed at one
         scale shows as an error that does not. Starts at the current Δq. If it passes, tries one rung up
         when it passes by a wide margin (``e ≤ tol/4``: less cancellation); if it fails, walks down until a
-        rung passes, stopping early when the error grows twice in a row (rounding dominates below).
+        rung passes, and gives up (exact products) when the error grows twice in a row. A smooth loss's
+        error only grows as Δq shrinks where rounding dominates; a loss with kinks (ReLU, max-pool) shows
+        the same sign at large Δq, the jumps of the gradient over Δq, until Δq is below the distance to the
+        nearest kink. Such a rung can pass on every probe and is still not safe: the iteration's own
+        directions find the kinks, and a Krylov space of such finite differences converges, with a small
+        residual, to spurious eigenpairs of the size of a jump over Δq (measured in
+        ``benchmarks/README.md``). So the walk does not go below a rising error.
 
         Args:
             probes: the directions, each with its exact image.

@@ -375,3 +375,22 @@ def test_representability_without_computing_it_agrees_with_computing_it(scale):
     step = est.scale.delta_max * warm[:, 0]
     explicit = bool(((theta + step) - theta - step).norm() <= 1e-2 * step.norm())
     assert est._representable(curvature, warm) == explicit
+
+
+def test_an_error_that_rises_as_delta_q_shrinks_gives_exact_products():
+    # ½aθ² with a jump J of the gradient at θ = d: a difference from θ = 0 that crosses the kink is off by
+    # J/Δq, which grows as Δq shrinks until Δq < d. The rungs below the kink pass this probe, but a kinked
+    # loss is not safe for finite differences there (the iteration's directions find the kinks): exact
+    a, jump, kink = 3.0, 0.1, 1e-3
+    calls = []
+
+    def fd(delta):
+        calls.append(delta)
+        return torch.tensor([a + (jump / delta if delta > kink else 0.0)], dtype=F64)
+
+    probe = DirectionProbe(fd, torch.tensor([a], dtype=F64), scale=a)
+    scale = FiniteDifferenceScale(delta_max=0.5, tol=1e-2)
+    scale.calibrate([probe])
+    assert [probe.error(d)[0] for d in calls] == sorted(probe.error(d)[0] for d in calls)  # rising
+    assert scale.exact and scale.delta_q == 0.5 and scale.error == pytest.approx(jump / 0.5 / a)
+    assert min(calls) > kink  # the walk stopped above the kink
