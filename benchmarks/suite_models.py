@@ -17,6 +17,10 @@ Cases (``key``: what it is):
 * ``transformer``: a one-layer ``nn.TransformerEncoderLayer`` language model (embedding, sinusoidal
   positions, causal self-attention through ``nn.MultiheadAttention``, ``dropout=0``, linear decoder) on
   token sequences of a fixed sparse random Markov chain; vocabulary 128, d_model 32, sequence 24, batch 16;
+* ``transformer_gelu``: the same layer pre-norm with a GELU feed-forward (a loss without kinks), vocabulary
+  64, sequence 16;
+* ``lstm``: embedding, one ``nn.LSTM`` (hidden 32) and a linear decoder on the same kind of tokens, trained
+  with Adam (the monitor does not assume SGD);
 * ``boring_linear``: ``nn.Linear(32, 2)`` with MSE against ones as Lightning's ``BoringModel``, fresh
   ``randn`` inputs in every batch (no sample is seen twice), batch 4; its Hessian is the same
   input Gram matrix for both outputs, so every eigenvalue, h0 included, is double;
@@ -118,8 +122,8 @@ class TinyTransformerLM(pl.LightningModule):
     """One-layer causal ``nn.TransformerEncoderLayer`` language model, next-token cross-entropy, SGD.
 
     Like the encoder half of Lightning's demo ``Transformer``: scaled token embedding plus sinusoidal
-    positions, one post-norm encoder layer (``nn.MultiheadAttention``, ReLU feed-forward, ``dropout=0``)
-    with a causal mask, a linear decoder to the vocabulary.
+    positions, one encoder layer (``nn.MultiheadAttention``, a ReLU or GELU feed-forward, post-norm or
+    pre-norm, ``dropout=0``) with a causal mask, a linear decoder to the vocabulary.
     """
 
     def __init__(
@@ -130,12 +134,20 @@ class TinyTransformerLM(pl.LightningModule):
         dim_feedforward: int = 64,
         seq_len: int = 24,
         lr: float = 0.1,
+        activation: str = "relu",
+        norm_first: bool = False,
     ) -> None:
         super().__init__()
         self.vocab, self.d_model, self.lr = vocab, d_model, lr
         self.embedding = nn.Embedding(vocab, d_model)
         self.encoder = nn.TransformerEncoderLayer(
-            d_model, nhead, dim_feedforward, dropout=0.0, batch_first=True
+            d_model,
+            nhead,
+            dim_feedforward,
+            dropout=0.0,
+            activation=activation,
+            batch_first=True,
+            norm_first=norm_first,
         )
         self.decoder = nn.Linear(d_model, vocab)
         self.register_buffer("positions", sinusoidal_positions(seq_len, d_model), persistent=False)
@@ -180,6 +192,33 @@ def markov_tokens(n: int, seq_len: int, vocab: int, seed: int) -> tuple[Tensor, 
         choice = torch.multinomial(probs, n, replacement=True, generator=generator)
         tokens[:, t + 1] = successors[tokens[:, t], choice]
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+# ---------------------------------------------------------------------------------------------- LSTM
+
+
+class LSTMLM(pl.LightningModule):
+    """Embedding → one-layer ``nn.LSTM`` → linear decoder, next-token cross-entropy, trained with Adam."""
+
+    def __init__(self, vocab: int = 64, hidden: int = 32, lr: float = 3e-3) -> None:
+        super().__init__()
+        self.vocab, self.lr = vocab, lr
+        self.embedding = nn.Embedding(vocab, hidden)
+        self.rnn = nn.LSTM(hidden, hidden, batch_first=True)
+        self.decoder = nn.Linear(hidden, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Logits ``(B, T, vocab)`` of the next token at every position."""
+        return self.decoder(self.rnn(self.embedding(tokens))[0])
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        inputs, targets = batch
+        loss = F.cross_entropy(self(inputs).reshape(-1, self.vocab), targets.reshape(-1))
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
 # ------------------------------------------------------------------------------------- boring linear
@@ -266,6 +305,20 @@ def _transformer(smoke: bool, steps: int, seed: int) -> tuple[pl.LightningModule
     return model, _loader((inputs, targets), 16, True, seed)
 
 
+def _transformer_gelu(smoke: bool, steps: int, seed: int) -> tuple[pl.LightningModule, Any]:
+    vocab, d_model, ff, seq = (16, 8, 16, 6) if smoke else (64, 32, 64, 16)
+    model = TinyTransformerLM(vocab, d_model, 2, ff, seq, lr=0.1, activation="gelu", norm_first=True)
+    inputs, targets = markov_tokens(16 * 64, seq, vocab, seed + 1)
+    return model, _loader((inputs, targets), 16, True, seed)
+
+
+def _lstm(smoke: bool, steps: int, seed: int) -> tuple[pl.LightningModule, Any]:
+    vocab, hidden, seq = (16, 8, 6) if smoke else (64, 32, 16)
+    model = LSTMLM(vocab, hidden)
+    inputs, targets = markov_tokens(16 * 64, seq, vocab, seed + 1)
+    return model, _loader((inputs, targets), 16, True, seed)
+
+
 def _boring(smoke: bool, steps: int, seed: int) -> tuple[pl.LightningModule, Any]:
     model = BoringLinear(lr=0.1)
     batch = 4
@@ -320,6 +373,26 @@ CASES: dict[str, Case] = {
             every=1,
             description="`nn.TransformerEncoderLayer` (d_model 32, 2 heads, ff 64, dropout 0, causal) LM, "
             "vocab 128, sequence 24, Markov-chain tokens, batch 16",
+        ),
+        Case(
+            "transformer_gelu",
+            "1-layer pre-norm GELU transformer LM",
+            _transformer_gelu,
+            lm_loss,
+            steps=60,
+            every=1,
+            description="the same layer pre-norm (`norm_first=True`) with a GELU feed-forward (no kinks), "
+            "vocab 64, sequence 16, batch 16",
+        ),
+        Case(
+            "lstm",
+            "LSTM LM, Adam",
+            _lstm,
+            lm_loss,
+            steps=60,
+            every=1,
+            description="embedding, one `nn.LSTM` (hidden 32), linear decoder, vocab 64, sequence 16, "
+            "Markov-chain tokens, batch 16, Adam lr 3e-3",
         ),
         Case(
             "boring_linear",

@@ -104,6 +104,9 @@ class HessianEigenvalueMonitor(ProbeCallback):
         warmup_tol: convergence tolerance of the warm-up.
         block: warm directions carried between steps (default ``top_k``; one more carries the top
             residual, i.e. a Lanczos step of the previous batch, at one more product per step).
+        gradient_start: check each converged step against the Krylov space of the batch gradient
+            (three finite-difference products, when the step affords them): a warm direction that is an
+            eigenvector of a lower eigenvalue of the new batch no longer passes as converged.
         probe_fraction: share of the batch the probe uses, in ``(0, 1]``; below 1 the gradient at θ is
             recomputed on that share (cheaper products, noisier estimate of the full-batch Hessian).
         reuse_gradient: use the training gradient ``p.grad`` as ``g(θ)`` when it is exactly that
@@ -148,6 +151,7 @@ class HessianEigenvalueMonitor(ProbeCallback):
         seed: int = 0,
         window: int = 20,
         block: int | None = None,
+        gradient_start: bool = True,
         log_prefix: str = "chaos/",
     ) -> None:
         self.every_n_steps = int_arg("every_n_steps", every_n_steps)
@@ -174,6 +178,7 @@ class HessianEigenvalueMonitor(ProbeCallback):
                 seed=self.seed,
                 window=window,
                 block=block,
+                gradient_start=gradient_start,
             )
         except ValueError as err:  # the estimator validates the numerical arguments
             raise MisconfigurationException(str(err)) from err

@@ -20,7 +20,10 @@ the warm direction) is the best use of the same products. So each computed step 
 1. applies the operator to the warm direction(s) (the first iteration, which also gives λ and β);
 2. takes the top Ritz pair ``(ρ, x)`` of the space spanned so far, with residual ``r = ‖Hx − ρx‖``;
 3. stops when ``r ≤ tol · |ρ|`` (*converged*) or after ``n_iter`` iterations, else extends the space by
-   the (orthogonalised) residual, one product per iteration;
+   the (orthogonalised) residual, one product per iteration; a converged step is checked, where it can
+   afford it, against the Krylov space of the batch gradient ``g, Hg, H²g`` (the gradient is
+   concentrated on the top of the batch's spectrum): a higher Ritz value there means the warm direction
+   had converged to a lower eigenvalue, and the step goes on from the larger space;
 4. warm-starts the next step from the controlled iteration applied to the Ritz vector,
    ``(x + βHx)/‖x + βHx‖`` (no extra product: ``Hx`` is a combination of the products already made).
 
@@ -142,6 +145,7 @@ class ControlledLyapunov:
         self.basis: Tensor | None = None
         self.recent: deque[float] = deque(maxlen=window)
         self.num_restarts = 0
+        self.checks: deque[bool] = deque(maxlen=window)  # recent start checks: True where one failed
 
     @property
     def fluctuation(self) -> float:
@@ -150,6 +154,14 @@ class ControlledLyapunov:
         The control holds λ0 at 1 while the curvature seen by the warm direction is steady.
         """
         return sum(abs(x - 1.0) for x in self.recent) / len(self.recent) if self.recent else math.nan
+
+    @property
+    def warm_trusted(self) -> bool:
+        """Whether a convergence may stand unchecked by the starts of :meth:`step`.
+
+        True while at most one in ten of the recent checks found a higher eigenvalue.
+        """
+        return sum(self.checks) <= 0.1 * len(self.checks)
 
     def randomize(self, dim: int, dtype: torch.dtype, device: torch.device | str) -> None:
         """Draw a fresh random orthonormal warm block (from the private generator)."""
@@ -174,6 +186,8 @@ class ControlledLyapunov:
         max_products: int = 1,
         tol: float = 0.05,
         first_images: Tensor | None = None,
+        starts: Tensor | None = None,
+        start_depth: int = 2,
     ) -> LyapunovStep:
         """One computed step: the iteration from the warm block, Rayleigh–Ritz, adaptive extension.
 
@@ -186,6 +200,12 @@ class ControlledLyapunov:
             tol: convergence tolerance on the relative Ritz residual ``‖Bx − ρx‖ / |ρ|``.
             first_images: ``B U`` for the first columns of the current warm block ``U``, if already
                 computed (counted in :attr:`LyapunovStep.num_products`, not applied again).
+            starts: ``(N, e)`` directions that check a convergence: once the pairs have converged and
+                ``max_products`` still affords it, the space is extended by each start ``s`` and its
+                images ``Bs, …`` (``start_depth`` products per start, orthogonalised). If that larger
+                space has no Ritz value above the converged ones (by more than ``tol``) they stand;
+                otherwise the step goes on from the larger space. Not carried to the next step.
+            start_depth: products per start direction.
 
         Returns:
             The :class:`LyapunovStep`. On an invalid step β is kept and the directions re-drawn.
@@ -225,14 +245,42 @@ class ControlledLyapunov:
             space = _KrylovSpace(warm, images, max_products)
             ritz, coefficients, vectors, mapped, residuals = self._ritz(space, dtype)
         unconverged = _unconverged(residuals, ritz, tol)
-        while unconverged and spent < max_products:
+        starts = None if starts is None else starts.reshape(dim, -1)
+        unverified = starts is not None  # converged pairs are checked once against the starts' space
+        converged_basis: Tensor | None = None
+        while True:
+            if not unconverged:
+                if starts is None or not unverified or spent + start_depth * starts.shape[1] > max_products:
+                    break
+                unverified = False
+                result = (ritz, coefficients, vectors, mapped, residuals)
+                result_basis = warm if space is None else space.basis
+                if space is None:
+                    space = _KrylovSpace(warm, images, max_products)
+                added = self._extend_by_starts(space, apply, starts, start_depth)
+                if added < 0:  # a product was not finite
+                    return self._invalid(dim, dtype, device, spent - added, beta)
+                spent += added
+                ritz, coefficients, vectors, mapped, residuals = self._ritz(space, dtype)
+                found_higher = bool((ritz > result[0] + tol * result[0].abs()).any())
+                self.checks.append(found_higher)
+                if not found_higher:
+                    # nothing above the converged pairs: they stand (the larger space mixes in the next
+                    # eigenvectors, whose residuals it has not resolved)
+                    ritz, coefficients, vectors, mapped, residuals = result
+                    converged_basis = result_basis
+                    break
+                unconverged = _unconverged(residuals, ritz, tol)  # a higher eigenvalue: go on from it
+                continue
+            if spent >= max_products:
+                break
             if space is None:
                 space = _KrylovSpace(warm, images, max_products)
             # B x_i orthogonalised against span(basis) is the direction of its residual B x_i − ρ_i x_i
             extension = _orthogonal_extension(space.basis, mapped[:, unconverged[0]])
             if extension is None:  # the Krylov space is invariant: the Ritz pairs are exact
                 unconverged = []
-                break
+                continue
             image = apply(extension)
             spent += 1
             if not bool(torch.isfinite(image).all()):
@@ -240,7 +288,14 @@ class ControlledLyapunov:
             space.append(extension, image)
             ritz, coefficients, vectors, mapped, residuals = self._ritz(space, dtype)
             unconverged = _unconverged(residuals, ritz, tol)
-        basis = warm if space is None else space.basis
+        if not unconverged and unverified and not self.warm_trusted:
+            # converged without the check (not affordable) while recent checks found the warm start
+            # converging below the top: a value, not a converged one
+            unconverged = list(range(self.k))
+        if converged_basis is not None:
+            basis = converged_basis
+        else:
+            basis = warm if space is None else space.basis
         self.basis = self._next_block(basis, coefficients, vectors, ritz, mapped, beta)
         return LyapunovStep(
             valid=True,
@@ -254,6 +309,26 @@ class ControlledLyapunov:
             vectors=vectors,
             images=mapped,
         )
+
+    @staticmethod
+    def _extend_by_starts(space: _KrylovSpace, apply: BlockOperator, starts: Tensor, depth: int) -> int:
+        """Extend ``space`` by each start ``s`` ``(N, e)`` and its images ``Bs, …`` (``depth`` products each).
+
+        Returns the products spent, negated when one was not finite (the space is then left unfinished).
+        """
+        spent = 0
+        for column in starts.T:
+            direction = column
+            for _ in range(depth):
+                extension = _orthogonal_extension(space.basis, direction)
+                if extension is None:  # nothing new in this direction
+                    break
+                direction = apply(extension)
+                spent += 1
+                if not bool(torch.isfinite(direction).all()):
+                    return -spent
+                space.append(extension, direction)
+        return spent
 
     def _ritz(self, space: _KrylovSpace, dtype: torch.dtype) -> tuple[Tensor, ...]:
         """Top-k Ritz values, coefficients, unit vectors, images and residual norms on the space."""
@@ -320,6 +395,7 @@ class ControlledLyapunov:
             "generator": self.generator.get_state(),
             "recent": list(self.recent),
             "num_restarts": self.num_restarts,
+            "checks": list(self.checks),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -330,6 +406,8 @@ class ControlledLyapunov:
         self.recent.clear()
         self.recent.extend(state["recent"])
         self.num_restarts = int(state["num_restarts"])
+        self.checks.clear()
+        self.checks.extend(bool(c) for c in state.get("checks", ()))
 
 
 def _floor(dtype: torch.dtype) -> float:
@@ -487,6 +565,9 @@ lets through a Δq whose rare errors are large; the measurement behind the numbe
 
 _CHUNK = 4
 """Columns per batched exact product of the warm-up's directions (bounds their memory)."""
+
+GRADIENT_START_DEPTH = 3
+"""Products of the gradient's Krylov sequence ``g, Hg, H²g`` that check a converged step."""
 
 CHECK_DIRECTIONS = 2
 """Random directions (besides the warm direction) of each periodic Δq check."""
@@ -747,6 +828,14 @@ class HessianEigenEstimator:
             also carries the top residual, i.e. one Lanczos step of the previous batch.
         seed: seed of the direction generators.
         window: number of steps in :attr:`CurvatureEstimate.fluctuation`.
+        gradient_start: check a converged step against the batch gradient ``g(θ)``: the Krylov space of
+            ``g, Hg, H²g`` (:data:`GRADIENT_START_DEPTH` finite-difference products, when the step still
+            affords them) must hold no Ritz value above the converged one, or the step goes on from the
+            larger space. The gradient is free, specific to the batch and concentrated on the top of its
+            spectrum; a warm direction that is an eigenvector of a *lower* eigenvalue of the new batch
+            converges there. While more than one in ten recent checks found a higher eigenvalue, a step
+            that converged without a check is not flagged converged. Not applied to exact products,
+            whose cost would take the budget of the step's own extensions.
 
     Example:
         >>> from lightning_chaos.core.functional_loss import FunctionalLoss
@@ -775,7 +864,9 @@ class HessianEigenEstimator:
         block: int | None = None,
         seed: int = 0,
         window: int = 20,
+        gradient_start: bool = True,
     ) -> None:
+        self.gradient_start = bool(gradient_start)
         self.top = ControlledLyapunov(k=top_k, seed=seed, window=window, block=block)
         self.negative = ControlledLyapunov(k=1, seed=seed + 1, window=window) if most_negative else None
         self.n_iter = check_int("n_iter", n_iter)
@@ -958,8 +1049,20 @@ class HessianEigenEstimator:
             else self._max_products(curvature, self.top, exact, available, self._spent(curvature, before))
         )
         apply = self._products(curvature, g0, exact)
+        # the check costs GRADIENT_START_DEPTH products: with exact ones (about two gradients each) it would
+        # take the budget of the residual extensions (measured in benchmarks/README.md)
+        check = self.gradient_start and not exact and budget >= self.top.block + GRADIENT_START_DEPTH
+        starts = flatten(g0) if check else None
         top = self.top.step(
-            apply, dim, dtype=dtype, device=device, max_products=budget, tol=tol, first_images=first_images
+            apply,
+            dim,
+            dtype=dtype,
+            device=device,
+            max_products=budget,
+            tol=tol,
+            first_images=first_images,
+            starts=starts,
+            start_depth=GRADIENT_START_DEPTH,
         )
         if not top.valid:
             self.needs_warmup = self.warmup_iters > 0

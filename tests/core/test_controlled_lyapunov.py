@@ -394,3 +394,88 @@ def test_an_error_that_rises_as_delta_q_shrinks_gives_exact_products():
     assert [probe.error(d)[0] for d in calls] == sorted(probe.error(d)[0] for d in calls)  # rising
     assert scale.exact and scale.delta_q == 0.5 and scale.error == pytest.approx(jump / 0.5 / a)
     assert min(calls) > kink  # the walk stopped above the kink
+
+
+class SwappedTop(nn.Module):
+    """½θᵀAθ + bᵀθ where A has eigenvector v_top at eigenvalue 10 and v_low at 3, or the two swapped.
+
+    On alternate batches the previous top eigenvector is an exact eigenvector of a lower eigenvalue:
+    a space spanned from it alone is invariant and converges, exactly, to the wrong eigenvalue.
+    """
+
+    def __init__(self, swapped, n=30):
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64)).Q
+        h = torch.cat([torch.tensor([10.0, 3.0], dtype=F64), torch.linspace(-2.0, 2.0, n - 2, dtype=F64)])
+        if swapped:
+            h[[0, 1]] = h[[1, 0]]
+        self.register_buffer("A", q @ torch.diag(h) @ q.T)
+        self.register_buffer("b", torch.randn(n, generator=gen, dtype=F64))
+        self.theta = nn.Parameter(torch.randn(n, generator=gen, dtype=F64))
+
+    def forward(self):
+        return 0.5 * self.theta @ self.A @ self.theta + self.b @ self.theta
+
+
+@pytest.mark.parametrize("gradient_start", [False, True])
+def test_the_gradient_start_finds_a_top_eigenvector_the_warm_direction_does_not_carry(gradient_start):
+    est = HessianEigenEstimator(
+        products="finite_difference", n_iter=8, tol=1e-4, budget=math.inf, gradient_start=gradient_start
+    )
+    estimates = [est.step(curvature_of(SwappedTop(swapped=t % 2 == 1))) for t in range(8)]
+    after = estimates[1:]
+    if gradient_start:  # the gradient has a component along the new top eigenvector: found every step
+        assert all(e.converged and e.h0 == pytest.approx(10.0, rel=1e-6) for e in after)
+    else:  # the failure it prevents: on every other batch an exact eigenpair of the wrong eigenvalue,
+        # flagged converged after one product
+        wrong = [e for e in after if e.converged and e.h0 == pytest.approx(3.0, rel=1e-6)]
+        assert len(wrong) >= 3 and all(e.num_products == 1 for e in wrong)
+
+
+def test_start_directions_check_a_converged_pair_by_their_own_krylov_sequence():
+    gen = torch.Generator().manual_seed(5)
+    n = 30
+    q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64)).Q
+    a = q @ torch.diag(torch.linspace(-3.0, 10.0, n, dtype=F64)) @ q.T
+    start = torch.randn(n, generator=gen, dtype=F64)
+    u = q[:, 20]  # an exact eigenvector of an interior eigenvalue: converged after one product
+    it = ControlledLyapunov()
+    it.basis = u[:, None].clone()
+    alone = it.step(a.__matmul__, n, dtype=F64, max_products=3, tol=1e-6)
+    assert alone.converged and alone.num_products == 1
+    it.basis = u[:, None].clone()
+    step = it.step(a.__matmul__, n, dtype=F64, max_products=3, tol=1e-6, starts=start, start_depth=2)
+    assert step.num_products == 3 and not step.converged  # the check found a higher eigenvalue
+    # the space is span{u, s', As'} with s' = s − (uᵀs)u, the start orthogonalised against the warm
+    # direction: its top Ritz value, computed independently
+    s_perp = start - (u @ start) * u
+    basis = torch.linalg.qr(torch.stack([u, s_perp, a @ s_perp], dim=1)).Q
+    expected = float(torch.linalg.eigvalsh(basis.T @ a @ basis)[-1])
+    assert step.ritz_values[0].item() == pytest.approx(expected, rel=1e-10)
+    assert expected > alone.ritz_values[0].item() + 1.0
+    # a converged top pair passes the check: the starts' space has nothing above it
+    it.basis = q[:, -1:].clone()
+    top = it.step(a.__matmul__, n, dtype=F64, max_products=3, tol=1e-6, starts=start, start_depth=2)
+    assert top.converged and top.num_products == 3 and top.ritz_values[0].item() == pytest.approx(10.0)
+
+
+def test_an_unchecked_convergence_is_not_flagged_while_recent_checks_failed():
+    gen = torch.Generator().manual_seed(6)
+    n = 20
+    q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64)).Q
+    a = q @ torch.diag(torch.linspace(-1.0, 10.0, n, dtype=F64)) @ q.T
+    start = torch.randn(n, generator=gen, dtype=F64)
+    flags = {}
+    for failed in (0, 3):
+        it = ControlledLyapunov()
+        it.checks.extend([True] * failed + [False] * (10 - failed))
+        it.basis = q[:, -1:].clone()  # the top eigenvector: converged after one product
+        # the check needs 1 + 3 products: not affordable with 2
+        step = it.step(a.__matmul__, n, dtype=F64, max_products=2, tol=1e-6, starts=start, start_depth=3)
+        assert step.num_products == 1 and step.ritz_values[0].item() == pytest.approx(10.0)
+        flags[failed] = step.converged
+        restored = ControlledLyapunov()
+        restored.load_state_dict(it.state_dict())
+        assert list(restored.checks) == list(it.checks) and restored.warm_trusted == it.warm_trusted
+    assert flags == {0: True, 3: False}
