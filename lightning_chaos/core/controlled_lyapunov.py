@@ -146,6 +146,9 @@ class ControlledLyapunov:
         self.recent: deque[float] = deque(maxlen=window)
         self.num_restarts = 0
         self.checks: deque[bool] = deque(maxlen=window)  # recent start checks: True where one failed
+        self.check_interval = 1  # converged steps between checks: doubles while they pass, up to 8
+        self.since_check = 0
+        self.last_top = math.nan  # top Ritz value of the last valid step
 
     @property
     def fluctuation(self) -> float:
@@ -253,6 +256,13 @@ class ControlledLyapunov:
                 if starts is None or not unverified or spent + start_depth * starts.shape[1] > max_products:
                     break
                 unverified = False
+                self.since_check += 1
+                # skipped while recent checks passed, unless the converged value dropped (by more than
+                # tol) below the last step's, which is what a convergence below the top looks like
+                dropped = float(ritz[0]) < (1 - tol) * self.last_top
+                if self.since_check < self.check_interval and self.warm_trusted and not dropped:
+                    break
+                self.since_check = 0
                 result = (ritz, coefficients, vectors, mapped, residuals)
                 result_basis = warm if space is None else space.basis
                 if space is None:
@@ -264,6 +274,7 @@ class ControlledLyapunov:
                 ritz, coefficients, vectors, mapped, residuals = self._ritz(space, dtype)
                 found_higher = bool((ritz > result[0] + tol * result[0].abs()).any())
                 self.checks.append(found_higher)
+                self.check_interval = 1 if found_higher else min(2 * self.check_interval, _MAX_CHECK_INTERVAL)
                 if not found_higher:
                     # nothing above the converged pairs: they stand (the larger space mixes in the next
                     # eigenvectors, whose residuals it has not resolved)
@@ -288,10 +299,11 @@ class ControlledLyapunov:
             space.append(extension, image)
             ritz, coefficients, vectors, mapped, residuals = self._ritz(space, dtype)
             unconverged = _unconverged(residuals, ritz, tol)
-        if not unconverged and unverified and not self.warm_trusted:
+        if not unconverged and unverified and starts is not None and not self.warm_trusted:
             # converged without the check (not affordable) while recent checks found the warm start
             # converging below the top: a value, not a converged one
             unconverged = list(range(self.k))
+        self.last_top = float(ritz[0])
         if converged_basis is not None:
             basis = converged_basis
         else:
@@ -396,6 +408,9 @@ class ControlledLyapunov:
             "recent": list(self.recent),
             "num_restarts": self.num_restarts,
             "checks": list(self.checks),
+            "check_interval": self.check_interval,
+            "since_check": self.since_check,
+            "last_top": self.last_top,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -408,6 +423,9 @@ class ControlledLyapunov:
         self.num_restarts = int(state["num_restarts"])
         self.checks.clear()
         self.checks.extend(bool(c) for c in state.get("checks", ()))
+        self.check_interval = int(state.get("check_interval", 1))
+        self.since_check = int(state.get("since_check", 0))
+        self.last_top = float(state.get("last_top", math.nan))
 
 
 def _floor(dtype: torch.dtype) -> float:
@@ -568,6 +586,9 @@ _CHUNK = 4
 
 GRADIENT_START_DEPTH = 3
 """Products of the gradient's Krylov sequence ``g, Hg, H²g`` that check a converged step."""
+
+_MAX_CHECK_INTERVAL = 8
+"""Converged steps between gradient checks at most, once the checks keep passing."""
 
 CHECK_DIRECTIONS = 2
 """Random directions (besides the warm direction) of each periodic Δq check."""
@@ -833,9 +854,11 @@ class HessianEigenEstimator:
             affords them) must hold no Ritz value above the converged one, or the step goes on from the
             larger space. The gradient is free, specific to the batch and concentrated on the top of its
             spectrum; a warm direction that is an eigenvector of a *lower* eigenvalue of the new batch
-            converges there. While more than one in ten recent checks found a higher eigenvalue, a step
-            that converged without a check is not flagged converged. Not applied to exact products,
-            whose cost would take the budget of the step's own extensions.
+            converges there. While the checks pass they back off (up to every 8th converged step) unless
+            the converged value drops by more than ``tol`` below the last step's; while more than one in
+            ten recent checks found a higher eigenvalue, every converged step is checked, and one that
+            cannot afford it is not flagged converged. Not applied to exact products, whose cost would
+            take the budget of the step's own extensions.
 
     Example:
         >>> from lightning_chaos.core.functional_loss import FunctionalLoss
