@@ -191,6 +191,7 @@ class ControlledLyapunov:
         first_images: Tensor | None = None,
         starts: Tensor | None = None,
         start_depth: int = 2,
+        starts_limit: int | None = None,
     ) -> LyapunovStep:
         """One computed step: the iteration from the warm block, Rayleigh–Ritz, adaptive extension.
 
@@ -209,6 +210,8 @@ class ControlledLyapunov:
                 space has no Ritz value above the converged ones (by more than ``tol``) they stand;
                 otherwise the step goes on from the larger space. Not carried to the next step.
             start_depth: products per start direction.
+            starts_limit: products the step may have spent with the check at most (default
+                ``max_products``).
 
         Returns:
             The :class:`LyapunovStep`. On an invalid step β is kept and the directions re-drawn.
@@ -253,14 +256,19 @@ class ControlledLyapunov:
         converged_basis: Tensor | None = None
         while True:
             if not unconverged:
-                if starts is None or not unverified or spent + start_depth * starts.shape[1] > max_products:
+                if starts is None or not unverified:
+                    break
+                # what a convergence below the top looks like: the converged value dropped by more than
+                # tol below the last step's, or recent checks found higher eigenvalues. Such a check is
+                # urgent: it is never skipped and may spend what earlier steps saved
+                dropped = float(ritz[0]) < (1 - tol) * self.last_top
+                urgent = dropped or not self.warm_trusted
+                limit = max_products if urgent or starts_limit is None else min(starts_limit, max_products)
+                if spent + start_depth * starts.shape[1] > limit:
                     break
                 unverified = False
                 self.since_check += 1
-                # skipped while recent checks passed, unless the converged value dropped (by more than
-                # tol) below the last step's, which is what a convergence below the top looks like
-                dropped = float(ritz[0]) < (1 - tol) * self.last_top
-                if self.since_check < self.check_interval and self.warm_trusted and not dropped:
+                if self.since_check < self.check_interval and not urgent:  # recent checks passed
                     break
                 self.since_check = 0
                 result = (ritz, coefficients, vectors, mapped, residuals)
@@ -1076,6 +1084,12 @@ class HessianEigenEstimator:
         # take the budget of the residual extensions (measured in benchmarks/README.md)
         check = self.gradient_start and not exact and budget >= self.top.block + GRADIENT_START_DEPTH
         starts = flatten(g0) if check else None
+        # the check spends only the step's own budget, never what earlier steps saved for extensions
+        own = (
+            budget
+            if warming
+            else self._max_products(curvature, self.top, exact, self.budget, self._spent(curvature, before))
+        )
         top = self.top.step(
             apply,
             dim,
@@ -1086,6 +1100,7 @@ class HessianEigenEstimator:
             first_images=first_images,
             starts=starts,
             start_depth=GRADIENT_START_DEPTH,
+            starts_limit=own,
         )
         if not top.valid:
             self.needs_warmup = self.warmup_iters > 0

@@ -479,3 +479,24 @@ def test_an_unchecked_convergence_is_not_flagged_while_recent_checks_failed():
         restored.load_state_dict(it.state_dict())
         assert list(restored.checks) == list(it.checks) and restored.warm_trusted == it.warm_trusted
     assert flags == {0: True, 3: False}
+
+
+@pytest.mark.parametrize(("last_top", "checked"), [(10.0, True), (5.9, False)])
+def test_passing_checks_back_off_unless_the_converged_value_drops(last_top, checked):
+    gen = torch.Generator().manual_seed(5)
+    n = 30
+    q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64)).Q
+    a = q @ torch.diag(torch.linspace(-3.0, 10.0, n, dtype=F64)) @ q.T
+    start = torch.randn(n, generator=gen, dtype=F64)
+    it = ControlledLyapunov()
+    it.checks.extend([False] * 10)  # the recent checks passed: the next ones back off
+    it.check_interval, it.since_check, it.last_top = 8, 0, last_top
+    it.basis = q[:, 20:21].clone()  # an eigenvector of 5.97: converges after one product
+    step = it.step(a.__matmul__, n, dtype=F64, max_products=4, tol=1e-6, starts=start, start_depth=3)
+    if checked:  # 5.97 is far below the last step's 10: checked despite the back-off, and found out
+        assert step.num_products == 4 and not step.converged and step.ritz_values[0].item() > 7.0
+        assert it.checks[-1] and it.check_interval == 1
+    else:  # no drop: the check is skipped this step (the residual test alone flags it)
+        assert step.num_products == 1 and step.converged
+        assert it.since_check == 1 and it.check_interval == 8
+    assert it.last_top == pytest.approx(step.ritz_values[0].item())
