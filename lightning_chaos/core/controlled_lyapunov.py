@@ -62,6 +62,7 @@ from lightning_chaos.core.validation import check_choice, check_int, check_numbe
 __all__ = [
     "CALIBRATION_DIRECTIONS",
     "CHECK_DIRECTIONS",
+    "GRADIENT_START_DEPTH",
     "GRAPH_COST",
     "HVP_COST",
     "PRODUCTS",
@@ -862,11 +863,12 @@ class HessianEigenEstimator:
             affords them) must hold no Ritz value above the converged one, or the step goes on from the
             larger space. The gradient is free, specific to the batch and concentrated on the top of its
             spectrum; a warm direction that is an eigenvector of a *lower* eigenvalue of the new batch
-            converges there. While the checks pass they back off (up to every 8th converged step) unless
-            the converged value drops by more than ``tol`` below the last step's; while more than one in
-            ten recent checks found a higher eigenvalue, every converged step is checked, and one that
-            cannot afford it is not flagged converged. Not applied to exact products, whose cost would
-            take the budget of the step's own extensions.
+            converges there. While the checks pass they back off (up to every 8th converged step) and
+            spend only the step's own ``budget``; a check is urgent (never skipped, and it may spend the
+            credit saved by earlier steps) when the converged value dropped by more than ``tol`` below
+            the last step's or more than one in ten recent checks found a higher eigenvalue, and while
+            they do, a step that cannot afford its check is not flagged converged. Not applied to exact
+            products, whose cost would take the budget of the step's own extensions.
 
     Example:
         >>> from lightning_chaos.core.functional_loss import FunctionalLoss
