@@ -108,6 +108,18 @@ def teacher_images(n: int, side: int, seed: int) -> tuple[Tensor, Tensor]:
 # ---------------------------------------------------------------------------------------- transformer
 
 
+class _LanguageModel(pl.LightningModule):
+    """Next-token cross-entropy on ``(inputs, targets)`` token batches, logged as a user would."""
+
+    vocab: int
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        inputs, targets = batch
+        loss = F.cross_entropy(self(inputs).reshape(-1, self.vocab), targets.reshape(-1))
+        self.log("train/loss", loss)
+        return loss
+
+
 def sinusoidal_positions(length: int, dim: int) -> Tensor:
     """The fixed sinusoidal position encoding ``(length, dim)`` of "Attention is all you need"."""
     position = torch.arange(length, dtype=torch.float32)[:, None]
@@ -118,7 +130,7 @@ def sinusoidal_positions(length: int, dim: int) -> Tensor:
     return pe
 
 
-class TinyTransformerLM(pl.LightningModule):
+class TinyTransformerLM(_LanguageModel):
     """One-layer causal ``nn.TransformerEncoderLayer`` language model, next-token cross-entropy, SGD.
 
     Like the encoder half of Lightning's demo ``Transformer``: scaled token embedding plus sinusoidal
@@ -161,12 +173,6 @@ class TinyTransformerLM(pl.LightningModule):
         x = self.encoder(x, src_mask=self.causal_mask[:t, :t], is_causal=True)
         return self.decoder(x)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        inputs, targets = batch
-        loss = F.cross_entropy(self(inputs).reshape(-1, self.vocab), targets.reshape(-1))
-        self.log("train/loss", loss)
-        return loss
-
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
@@ -197,7 +203,7 @@ def markov_tokens(n: int, seq_len: int, vocab: int, seed: int) -> tuple[Tensor, 
 # ---------------------------------------------------------------------------------------------- LSTM
 
 
-class LSTMLM(pl.LightningModule):
+class LSTMLM(_LanguageModel):
     """Embedding → one-layer ``nn.LSTM`` → linear decoder, next-token cross-entropy, trained with Adam."""
 
     def __init__(self, vocab: int = 64, hidden: int = 32, lr: float = 3e-3) -> None:
@@ -210,12 +216,6 @@ class LSTMLM(pl.LightningModule):
     def forward(self, tokens: Tensor) -> Tensor:
         """Logits ``(B, T, vocab)`` of the next token at every position."""
         return self.decoder(self.rnn(self.embedding(tokens))[0])
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        inputs, targets = batch
-        loss = F.cross_entropy(self(inputs).reshape(-1, self.vocab), targets.reshape(-1))
-        self.log("train/loss", loss)
-        return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)
