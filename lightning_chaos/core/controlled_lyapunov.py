@@ -308,7 +308,7 @@ class ControlledLyapunov:
             space.append(extension, image)
             ritz, coefficients, vectors, mapped, residuals = self._ritz(space, dtype)
             unconverged = _unconverged(residuals, ritz, tol)
-        if not unconverged and unverified and starts is not None and not self.warm_trusted:
+        if not unconverged and unverified and not self.warm_trusted:
             # converged without the check (not affordable) while recent checks found the warm start
             # converging below the top: a value, not a converged one
             unconverged = list(range(self.k))

@@ -433,12 +433,17 @@ def test_the_gradient_start_finds_a_top_eigenvector_the_warm_direction_does_not_
         assert len(wrong) >= 3 and all(e.num_products == 1 for e in wrong)
 
 
-def test_start_directions_check_a_converged_pair_by_their_own_krylov_sequence():
-    gen = torch.Generator().manual_seed(5)
-    n = 30
+def rotated_spectrum_and_start(n, low, seed):
+    """``A = Q diag(linspace(low, 10, n)) Qᵀ`` with its eigenvectors ``Q`` and a random start vector."""
+    gen = torch.Generator().manual_seed(seed)
     q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64)).Q
-    a = q @ torch.diag(torch.linspace(-3.0, 10.0, n, dtype=F64)) @ q.T
-    start = torch.randn(n, generator=gen, dtype=F64)
+    a = q @ torch.diag(torch.linspace(low, 10.0, n, dtype=F64)) @ q.T
+    return q, a, torch.randn(n, generator=gen, dtype=F64)
+
+
+def test_start_directions_check_a_converged_pair_by_their_own_krylov_sequence():
+    n = 30
+    q, a, start = rotated_spectrum_and_start(n, -3.0, seed=5)
     u = q[:, 20]  # an exact eigenvector of an interior eigenvalue: converged after one product
     it = ControlledLyapunov()
     it.basis = u[:, None].clone()
@@ -461,11 +466,8 @@ def test_start_directions_check_a_converged_pair_by_their_own_krylov_sequence():
 
 
 def test_an_unchecked_convergence_is_not_flagged_while_recent_checks_failed():
-    gen = torch.Generator().manual_seed(6)
     n = 20
-    q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64)).Q
-    a = q @ torch.diag(torch.linspace(-1.0, 10.0, n, dtype=F64)) @ q.T
-    start = torch.randn(n, generator=gen, dtype=F64)
+    q, a, start = rotated_spectrum_and_start(n, -1.0, seed=6)
     flags = {}
     for failed in (0, 3):
         it = ControlledLyapunov()
@@ -483,11 +485,8 @@ def test_an_unchecked_convergence_is_not_flagged_while_recent_checks_failed():
 
 @pytest.mark.parametrize(("last_top", "checked"), [(10.0, True), (5.9, False)])
 def test_passing_checks_back_off_unless_the_converged_value_drops(last_top, checked):
-    gen = torch.Generator().manual_seed(5)
     n = 30
-    q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64)).Q
-    a = q @ torch.diag(torch.linspace(-3.0, 10.0, n, dtype=F64)) @ q.T
-    start = torch.randn(n, generator=gen, dtype=F64)
+    q, a, start = rotated_spectrum_and_start(n, -3.0, seed=5)
     it = ControlledLyapunov()
     it.checks.extend([False] * 10)  # the recent checks passed: the next ones back off
     it.check_interval, it.since_check, it.last_top = 8, 0, last_top
