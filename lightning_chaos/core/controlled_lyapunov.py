@@ -297,15 +297,13 @@ class ControlledLyapunov:
             if space is None:
                 space = _KrylovSpace(warm, images, max_products)
             # B x_i orthogonalised against span(basis) is the direction of its residual B x_i − ρ_i x_i
-            extension = _orthogonal_extension(space.basis, mapped[:, unconverged[0]])
-            if extension is None:  # the Krylov space is invariant: the Ritz pairs are exact
+            image = space.extend(apply, mapped[:, unconverged[0]])
+            if image is None:  # the Krylov space is invariant: the Ritz pairs are exact
                 unconverged = []
                 continue
-            image = apply(extension)
             spent += 1
             if not bool(torch.isfinite(image).all()):
                 return self._invalid(dim, dtype, device, spent, beta)
-            space.append(extension, image)
             ritz, coefficients, vectors, mapped, residuals = self._ritz(space, dtype)
             unconverged = _unconverged(residuals, ritz, tol)
         if not unconverged and unverified and not self.warm_trusted:
@@ -341,14 +339,13 @@ class ControlledLyapunov:
         for column in starts.T:
             direction = column
             for _ in range(depth):
-                extension = _orthogonal_extension(space.basis, direction)
-                if extension is None:  # nothing new in this direction
+                image = space.extend(apply, direction)
+                if image is None:  # nothing new in this direction
                     break
-                direction = apply(extension)
                 spent += 1
-                if not bool(torch.isfinite(direction).all()):
+                if not bool(torch.isfinite(image).all()):
                     return -spent
-                space.append(extension, direction)
+                direction = image
         return spent
 
     def _ritz(self, space: _KrylovSpace, dtype: torch.dtype) -> tuple[Tensor, ...]:
@@ -545,6 +542,20 @@ class _KrylovSpace:
         projected[j:, :j] = row.T
         self.projected = projected
         self.size = j + 1
+
+    def extend(self, apply: BlockOperator, direction: Tensor) -> Tensor | None:
+        """Orthogonalise ``direction`` ``(N,)`` or ``(N, 1)`` against ``V``, apply B to it, append both.
+
+        Returns:
+            The image ``Bv`` ``(N, 1)`` of the new unit column, or ``None`` (nothing appended) when
+            ``direction`` lies in ``span(V)`` to rounding.
+        """
+        extension = _orthogonal_extension(self.basis, direction)
+        if extension is None:
+            return None
+        image = apply(extension)
+        self.append(extension, image)
+        return image
 
     def rayleigh_ritz(self, k: int) -> tuple[Tensor, Tensor]:
         """Top-k Ritz values (descending, float64) and coefficient vectors ``(j, k)`` on ``span(V)``.
@@ -1076,22 +1087,18 @@ class HessianEigenEstimator:
                 return CurvatureEstimate(valid=False)
             self.scale.exact = exact = True
         tol = self.warmup_tol if warming else self.tol
-        budget = (
-            self.warmup_iters
-            if warming
-            else self._max_products(curvature, self.top, exact, available, self._spent(curvature, before))
-        )
+        if warming:
+            budget = own = self.warmup_iters
+        else:
+            spent = self._spent(curvature, before)
+            budget = self._max_products(curvature, self.top, exact, available, spent)
+            # a routine gradient check spends only the step's own budget, never what earlier steps saved
+            own = self._max_products(curvature, self.top, exact, self.budget, spent)
         apply = self._products(curvature, g0, exact)
         # the check costs GRADIENT_START_DEPTH products: with exact ones (about two gradients each) it would
         # take the budget of the residual extensions (measured in benchmarks/README.md)
         check = self.gradient_start and not exact and budget >= self.top.block + GRADIENT_START_DEPTH
         starts = flatten(g0) if check else None
-        # the check spends only the step's own budget, never what earlier steps saved for extensions
-        own = (
-            budget
-            if warming
-            else self._max_products(curvature, self.top, exact, self.budget, self._spent(curvature, before))
-        )
         top = self.top.step(
             apply,
             dim,
