@@ -39,10 +39,11 @@ class HessianEigenvalueMonitor(ProbeCallback):
 
     Products: by default (``products="auto"``) the warm-up runs on exact Hessian-vector products and then
     compares finite differences ``(g(θ + Δq u) − g(θ))/Δq`` (one gradient each) with exact products
-    along its top direction and a random one. Where some Δq keeps their error below ``delta_q_tol`` (in
-    units of h0) the steps use finite differences at it, re-checked every ``check_every`` computed steps;
-    otherwise — ReLU, max-pool and BatchNorm kinks crossed within Δq, attention softmax saturating,
-    float32 rounding below — they use exact products (double backward, counted as
+    along its top direction and random ones. Where some Δq keeps their error below ``delta_q_tol`` (in
+    units of h0) the steps use finite differences at it, re-checked after ``check_every`` computed steps
+    (an interval that doubles, up to four times, while the checks keep the setting); otherwise — ReLU,
+    max-pool and BatchNorm kinks crossed within Δq, attention softmax saturating, float32 rounding
+    below — they use exact products (double backward, counted as
     :data:`~lightning_chaos.core.controlled_lyapunov.HVP_COST` gradients each) until a check passes. A
     model with no second derivatives (e.g. a custom ``autograd.Function``) keeps finite differences at
     ``delta_q``, unchecked (warned once). ``products="finite_difference"`` with ``n_iter=1`` is the paper's
@@ -99,7 +100,8 @@ class HessianEigenvalueMonitor(ProbeCallback):
         delta_q: finite-difference separation Δq > 0 (with ``"auto"``: the largest one tried).
         delta_q_tol: tolerance on the relative error of a finite difference (``"auto"``).
         relative_delta_q: use ``delta_q · ‖θ‖`` as the separation.
-        check_every: computed steps between Δq checks (``"auto"``).
+        check_every: computed steps between Δq checks (``"auto"``); doubled after each check that kept
+            Δq and the choice of products, up to four times, and reset when one changes them.
         warmup_iters: products of the warm-up at most (0 disables it).
         warmup_tol: convergence tolerance of the warm-up.
         block: warm directions carried between steps (default ``top_k``; one more carries the top

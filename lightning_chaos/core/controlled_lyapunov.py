@@ -65,6 +65,7 @@ __all__ = [
     "GRADIENT_START_DEPTH",
     "GRAPH_COST",
     "HVP_COST",
+    "MAX_CHECK_BACKOFF",
     "PRODUCTS",
     "ControlledLyapunov",
     "CurvatureEstimate",
@@ -613,6 +614,9 @@ _MAX_CHECK_INTERVAL = 8
 CHECK_DIRECTIONS = 2
 """Random directions (besides the warm direction) of each periodic Δq check."""
 
+MAX_CHECK_BACKOFF = 4
+"""Periodic Δq checks back off to every ``MAX_CHECK_BACKOFF · check_every`` computed steps at most."""
+
 GRAPH_COST = 1.0
 """Gradient-equivalents charged for building the gradient graph (``create_graph=True``) of a step."""
 
@@ -838,7 +842,9 @@ class HessianEigenEstimator:
       derivatives) and then compares finite differences with exact products along its top Ritz vector
       and :data:`CALIBRATION_DIRECTIONS` random directions (:class:`FiniteDifferenceScale`). Where a Δq and
       the next smaller one meet ``delta_q_tol`` the steps use finite differences (one gradient each) at
-      that Δq, re-checked every ``check_every`` computed steps; otherwise (ReLU, max-pool and BatchNorm
+      that Δq, re-checked after ``check_every`` computed steps (the interval doubles, up to
+      :data:`MAX_CHECK_BACKOFF` times ``check_every``, while the checks keep the setting, and returns to
+      ``check_every`` when one changes it); otherwise (ReLU, max-pool and BatchNorm
       kinks, attention softmax saturating within Δq) they use exact products until a check finds a Δq
       that passes. A model without second derivatives keeps
       finite differences at ``delta_q``, unchecked.
@@ -862,7 +868,8 @@ class HessianEigenEstimator:
         delta_q: the (largest) finite-difference separation.
         delta_q_tol: tolerance on the relative error of a finite difference (``"auto"``).
         relative_delta_q: the separation is ``delta_q · ‖θ‖``.
-        check_every: computed steps between Δq checks (``"auto"``).
+        check_every: computed steps between Δq checks (``"auto"``) after the warm-up and after a check
+            that changed Δq or the choice of exact products; doubled after each check that kept them.
         warmup_iters: products of the warm-up at most (0: no warm-up).
         warmup_tol: convergence tolerance of the warm-up.
         block: warm directions carried between steps (at least ``top_k``); beyond ``top_k`` the block
@@ -924,6 +931,7 @@ class HessianEigenEstimator:
         self.warmup_tol = check_number("warmup_tol", warmup_tol, 0.0, low_open=True, high_open=True)
         self.needs_warmup = self.warmup_iters > 0
         self.steps_since_check = 0
+        self.recheck_after = self.check_every  # computed steps between Δq checks, now
         self.credit = 0.0
         self.h0_scale = 0.0  # |h0| of the last valid step: the unit of the Δq checks
         self.second_order = products != "finite_difference"  # False once the model showed it has none
@@ -1078,7 +1086,7 @@ class HessianEigenEstimator:
             self.top.randomize(dim, dtype, device)
         elif self.products == "auto" and self.second_order:
             self.steps_since_check += 1
-            if self.steps_since_check >= self.check_every:
+            if self.steps_since_check >= self.recheck_after:
                 first_images, exact, check_error = self._check(curvature, g0)
         if not exact and not self._representable(curvature, self.top._warm(dim, dtype, device)):
             # θ + Δq·u rounds the perturbation away (huge weights): a finite difference would measure
@@ -1166,6 +1174,7 @@ class HessianEigenEstimator:
         already paid for); the finite difference at the kept Δq is compared with it.
         """
         self.steps_since_check = 0
+        setting = (self.scale.delta_q, self.scale.exact)
         warm = self.top._warm(*_space(curvature.loss))
         randoms = [self._random_direction(curvature.loss).unsqueeze(1) for _ in range(CHECK_DIRECTIONS)]
         directions = torch.cat([warm, *randoms], dim=1)
@@ -1176,6 +1185,11 @@ class HessianEigenEstimator:
             for i in [0, *range(self.top.block, directions.shape[1])]
         ]
         self.scale.calibrate(probes)
+        # a check costs about three steps' budget and starves the steps after it: while checks confirm the
+        # setting they back off (measured in benchmarks/README.md)
+        kept = (self.scale.delta_q, self.scale.exact) == setting
+        limit = MAX_CHECK_BACKOFF * self.check_every
+        self.recheck_after = min(2 * self.recheck_after, limit) if kept else self.check_every
         return images[:, : self.top.block], self.scale.exact, self.scale.error
 
     def _calibrate(self, curvature: StepCurvature, g0: list[Tensor], vector: Tensor, image: Tensor) -> None:
@@ -1190,6 +1204,7 @@ class HessianEigenEstimator:
         ]
         self.scale.calibrate(probes)
         self.steps_since_check = 0
+        self.recheck_after = self.check_every
 
     def state_dict(self) -> dict[str, Any]:
         """State of both iterations, of the Δq control, of the credit and of the schedule."""
@@ -1199,6 +1214,7 @@ class HessianEigenEstimator:
             "scale": self.scale.state_dict(),
             "needs_warmup": self.needs_warmup,
             "steps_since_check": self.steps_since_check,
+            "recheck_after": self.recheck_after,
             "credit": self.credit,
             "h0_scale": self.h0_scale,
             "second_order": self.second_order,
@@ -1213,6 +1229,7 @@ class HessianEigenEstimator:
         self.scale.load_state_dict(state["scale"])
         self.needs_warmup = bool(state["needs_warmup"])
         self.steps_since_check = int(state["steps_since_check"])
+        self.recheck_after = int(state["recheck_after"])
         self.credit = float(state["credit"])
         self.h0_scale = float(state["h0_scale"])
         self.second_order = bool(state["second_order"])

@@ -499,3 +499,28 @@ def test_passing_checks_back_off_unless_the_converged_value_drops(last_top, chec
         assert step.num_products == 1 and step.converged
         assert it.since_check == 1 and it.check_interval == 8
     assert it.last_top == pytest.approx(step.ritz_values[0].item())
+
+
+def test_delta_q_checks_back_off_while_they_keep_the_setting_and_reset_when_it_changes():
+    """check_every = 2: checks after 2, 4, 8, 8 computed steps while Δq stays; a changed Δq resets to 2."""
+    model = Quadratic(planted_spectrum())
+    est = HessianEigenEstimator(check_every=2, budget=math.inf)
+    est.step(curvature_of(model))  # the warm-up and its calibration
+    assert not est.scale.exact
+    checked = []
+    for t in range(1, 25):
+        before = est.scale.num_checks
+        est.step(curvature_of(model))
+        if est.scale.num_checks > before:
+            checked.append(t)
+    assert checked == [2, 6, 14, 22]
+    assert est.recheck_after == 8  # MAX_CHECK_BACKOFF · check_every
+    # a check that moves Δq (here one rung back up from the smallest, on a loss exact at every rung)
+    est.scale.delta_q = est.scale.ladder()[-1]
+    est.steps_since_check = est.recheck_after - 1
+    est.step(curvature_of(model))
+    assert est.scale.delta_q == est.scale.ladder()[-2]
+    assert est.recheck_after == 2
+    resumed = HessianEigenEstimator(check_every=2, budget=math.inf)
+    resumed.load_state_dict(est.state_dict())
+    assert resumed.recheck_after == 2
