@@ -25,7 +25,16 @@ Cases (``key``: what it is):
   ``randn`` inputs in every batch (no sample is seen twice), batch 4; its Hessian is the same
   input Gram matrix for both outputs, so every eigenvalue, h0 included, is double;
 * ``small_resnet``: ``Classifier(SmallResNet(width=8))`` on CIFAR-shaped (3×32×32) random images with
-  random labels, batch 8.
+  random labels, batch 8;
+* ``plain_cnn``: the BatchNorm CNN's layers without BatchNorm (ReLU and max-pool kinks only), SGD with
+  momentum 0.9;
+* ``gru``: the LSTM language model with an ``nn.GRU``, plain SGD;
+* ``vit``: a tiny vision transformer (4×4 patches, learned positions, one pre-norm GELU encoder layer,
+  mean-pooled) on the BatchNorm CNN's images, AdamW;
+* ``digits_silu``: a 64-64-64-10 SiLU MLP on the digits, batch 64, AdamW with weight decay.
+
+The last four were written after the defaults were tuned on the others, as a check on models the tuning
+did not see.
 """
 
 from __future__ import annotations
@@ -59,27 +68,14 @@ def _loader(tensors: tuple[Tensor, ...], batch_size: int, shuffle: bool, seed: i
 # --------------------------------------------------------------------------------------------- BN CNN
 
 
-class BatchNormCNN(pl.LightningModule):
-    """``[Conv3×3 → BatchNorm2d → ReLU → MaxPool2] × 2 → Linear``, cross-entropy, SGD."""
+class _ImageClassifier(pl.LightningModule):
+    """Cross-entropy on ``(inputs, labels)`` batches, logged as a user would; SGD (momentum) or AdamW."""
 
-    def __init__(self, channels: tuple[int, int] = (8, 16), side: int = 16, lr: float = 0.1) -> None:
+    def __init__(
+        self, lr: float = 0.1, optimizer: str = "sgd", momentum: float = 0.0, weight_decay: float = 0.0
+    ) -> None:
         super().__init__()
-        c1, c2 = channels
-        self.features = nn.Sequential(
-            nn.Conv2d(3, c1, 3, padding=1, bias=False),
-            nn.BatchNorm2d(c1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1, bias=False),
-            nn.BatchNorm2d(c2),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        self.head = nn.Linear(c2 * (side // 4) ** 2, 10)
-        self.lr = lr
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x).flatten(1))
+        self.lr, self.optimizer, self.momentum, self.weight_decay = lr, optimizer, momentum, weight_decay
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
@@ -88,7 +84,44 @@ class BatchNormCNN(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.SGD(
+            self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
+
+
+def _conv_features(channels: tuple[int, int], batch_norm: bool) -> nn.Sequential:
+    """``[Conv3×3 → (BatchNorm2d) → ReLU → MaxPool2] × 2`` from 3 input channels."""
+    layers: list[nn.Module] = []
+    for c_in, c_out in zip((3, channels[0]), channels):
+        layers.append(nn.Conv2d(c_in, c_out, 3, padding=1, bias=not batch_norm))
+        layers += [nn.BatchNorm2d(c_out)] if batch_norm else []
+        layers += [nn.ReLU(), nn.MaxPool2d(2)]
+    return nn.Sequential(*layers)
+
+
+class BatchNormCNN(_ImageClassifier):
+    """``[Conv3×3 → BatchNorm2d → ReLU → MaxPool2] × 2 → Linear``, cross-entropy, SGD.
+
+    ``batch_norm=False`` drops the BatchNorm layers (and gives the convolutions a bias); keyword arguments
+    beyond it go to the optimizer (:class:`_ImageClassifier`).
+    """
+
+    def __init__(
+        self,
+        channels: tuple[int, int] = (8, 16),
+        side: int = 16,
+        lr: float = 0.1,
+        batch_norm: bool = True,
+        **optimizer: Any,
+    ) -> None:
+        super().__init__(lr, **optimizer)
+        self.features = _conv_features(channels, batch_norm)
+        self.head = nn.Linear(channels[1] * (side // 4) ** 2, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x).flatten(1))
 
 
 def cnn_loss(module: nn.Module, batch: Any) -> Tensor:
@@ -103,6 +136,45 @@ def teacher_images(n: int, side: int, seed: int) -> tuple[Tensor, Tensor]:
     x = torch.randn(n, 3, side, side, generator=generator)
     teacher = torch.randn(3 * side * side, 10, generator=generator)
     return x, (x.flatten(1) @ teacher).argmax(1)
+
+
+class TinyViT(_ImageClassifier):
+    """A one-layer vision transformer: 4×4 patches, learned positions, pre-norm GELU encoder, mean pool."""
+
+    def __init__(
+        self, side: int = 16, dim: int = 32, nhead: int = 4, dim_feedforward: int = 64, **optimizer: Any
+    ):
+        super().__init__(**optimizer)
+        self.patches = nn.Conv2d(3, dim, 4, stride=4)
+        self.positions = nn.Parameter(0.02 * torch.randn(1, (side // 4) ** 2, dim))
+        self.encoder = nn.TransformerEncoderLayer(
+            dim, nhead, dim_feedforward, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.patches(x).flatten(2).transpose(1, 2) + self.positions
+        return self.head(self.norm(self.encoder(tokens)).mean(1))
+
+
+class SiLUMLP(_ImageClassifier):
+    """``64 → hidden → hidden → 10`` with SiLU, on flattened 8×8 digits."""
+
+    def __init__(self, hidden: int = 64, **optimizer: Any) -> None:
+        super().__init__(**optimizer)
+        self.net = nn.Sequential(
+            nn.Linear(64, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 10)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.flatten(1))
+
+
+def classifier_loss(module: nn.Module, batch: Any) -> Tensor:
+    """Cross-entropy of a classifier's ``forward`` on ``(inputs, labels)`` (no logging, no metrics)."""
+    x, y = batch
+    return F.cross_entropy(module(x), y)
 
 
 # ---------------------------------------------------------------------------------------- transformer
@@ -203,14 +275,19 @@ def markov_tokens(n: int, seq_len: int, vocab: int, seed: int) -> tuple[Tensor, 
 # ---------------------------------------------------------------------------------------------- LSTM
 
 
-class LSTMLM(_LanguageModel):
-    """Embedding → one-layer ``nn.LSTM`` → linear decoder, next-token cross-entropy, trained with Adam."""
+class RecurrentLM(_LanguageModel):
+    """Embedding → one-layer ``nn.LSTM`` or ``nn.GRU`` → linear decoder, next-token cross-entropy.
 
-    def __init__(self, vocab: int = 64, hidden: int = 32, lr: float = 3e-3) -> None:
+    Trained with Adam (``optimizer="adam"``) or plain SGD (``"sgd"``).
+    """
+
+    def __init__(
+        self, vocab: int = 64, hidden: int = 32, lr: float = 3e-3, cell: str = "lstm", optimizer: str = "adam"
+    ) -> None:
         super().__init__()
-        self.vocab, self.lr = vocab, lr
+        self.vocab, self.lr, self.optimizer = vocab, lr, optimizer
         self.embedding = nn.Embedding(vocab, hidden)
-        self.rnn = nn.LSTM(hidden, hidden, batch_first=True)
+        self.rnn = (nn.LSTM if cell == "lstm" else nn.GRU)(hidden, hidden, batch_first=True)
         self.decoder = nn.Linear(hidden, vocab)
 
     def forward(self, tokens: Tensor) -> Tensor:
@@ -218,6 +295,8 @@ class LSTMLM(_LanguageModel):
         return self.decoder(self.rnn(self.embedding(tokens))[0])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
@@ -312,11 +391,35 @@ def _transformer_gelu(smoke: bool, steps: int, seed: int) -> tuple[pl.LightningM
     return model, _loader((inputs, targets), 16, True, seed)
 
 
-def _lstm(smoke: bool, steps: int, seed: int) -> tuple[pl.LightningModule, Any]:
-    vocab, hidden, seq = (16, 8, 6) if smoke else (64, 32, 16)
-    model = LSTMLM(vocab, hidden)
-    inputs, targets = markov_tokens(16 * 64, seq, vocab, seed + 1)
-    return model, _loader((inputs, targets), 16, True, seed)
+def _recurrent(
+    cell: str, optimizer: str, lr: float
+) -> Callable[[bool, int, int], tuple[pl.LightningModule, Any]]:
+    def build(smoke: bool, steps: int, seed: int) -> tuple[pl.LightningModule, Any]:
+        vocab, hidden, seq = (16, 8, 6) if smoke else (64, 32, 16)
+        model = RecurrentLM(vocab, hidden, lr=lr, cell=cell, optimizer=optimizer)
+        inputs, targets = markov_tokens(16 * 64, seq, vocab, seed + 1)
+        return model, _loader((inputs, targets), 16, True, seed)
+
+    return build
+
+
+def _plain_cnn(smoke: bool, steps: int, seed: int) -> tuple[pl.LightningModule, Any]:
+    side, channels = (8, (2, 4)) if smoke else (16, (8, 16))
+    model = BatchNormCNN(channels, side=side, lr=0.05, batch_norm=False, momentum=0.9)
+    x, y = teacher_images(64 * 16, side, seed + 1)
+    return model, _loader((x, y), 64, True, seed)
+
+
+def _vit(smoke: bool, steps: int, seed: int) -> tuple[pl.LightningModule, Any]:
+    side, dim, ff = (8, 8, 16) if smoke else (16, 32, 64)
+    model = TinyViT(side, dim, 4 if not smoke else 2, ff, lr=1e-3, optimizer="adamw")
+    x, y = teacher_images(32 * 32, side, seed + 1)
+    return model, _loader((x, y), 32, True, seed)
+
+
+def _digits_silu(smoke: bool, steps: int, seed: int) -> tuple[pl.LightningModule, Any]:
+    model = SiLUMLP(8 if smoke else 64, lr=3e-3, optimizer="adamw", weight_decay=1e-2)
+    return model, DigitsDataModule(batch_size=64, seed=seed, drop_last=True)
 
 
 def _boring(smoke: bool, steps: int, seed: int) -> tuple[pl.LightningModule, Any]:
@@ -387,7 +490,7 @@ CASES: dict[str, Case] = {
         Case(
             "lstm",
             "LSTM LM, Adam",
-            _lstm,
+            _recurrent("lstm", "adam", 3e-3),
             lm_loss,
             steps=60,
             every=1,
@@ -412,6 +515,45 @@ CASES: dict[str, Case] = {
             steps=60,
             every=3,
             description="`Classifier(SmallResNet(width=8))`, 3×32×32 random images and labels, batch 8",
+        ),
+        Case(
+            "plain_cnn",
+            "CNN without BatchNorm, momentum",
+            _plain_cnn,
+            classifier_loss,
+            steps=60,
+            every=1,
+            description="the BatchNorm CNN's convolutions (with bias), ReLU and max-pool, no BatchNorm; "
+            "SGD lr 0.05, momentum 0.9",
+        ),
+        Case(
+            "gru",
+            "GRU LM, SGD",
+            _recurrent("gru", "sgd", 0.5),
+            lm_loss,
+            steps=60,
+            every=1,
+            description="the LSTM LM with an `nn.GRU` (hidden 32), plain SGD lr 0.5",
+        ),
+        Case(
+            "vit",
+            "tiny ViT, AdamW",
+            _vit,
+            classifier_loss,
+            steps=60,
+            every=1,
+            description="4×4 patches of the BatchNorm CNN's 3×16×16 images, learned positions, one pre-norm "
+            "GELU encoder layer (d 32, 4 heads, ff 64), mean pool; batch 32, AdamW lr 1e-3",
+        ),
+        Case(
+            "digits_silu",
+            "digits MLP 64-64-64-10 SiLU, AdamW",
+            _digits_silu,
+            classifier_loss,
+            steps=100,
+            every=1,
+            description="two SiLU hidden layers on the embedded digits, batch 64, AdamW lr 3e-3, weight "
+            "decay 1e-2",
         ),
     )
 }
