@@ -306,8 +306,10 @@ class HessianEigenvalueMonitor(ProbeCallback):
                 f"{name}: {self.unconverged_steps} of {self.computed_steps} computed steps did not converge "
                 f"within budget={self._estimator.budget:g} gradient-equivalents per step (n_iter="
                 f"{self.n_iter}); their h0 (chaos/h0_converged = 0) is typically low. The batches' top "
-                "eigenvectors change from step to step, so each step needs a Krylov solve: raise `budget` "
-                "and `n_iter` (or compute every_n_steps with a larger budget), or read h0 where "
+                "eigenvectors change from step to step, so each step needs a Krylov solve. The same cost "
+                "per training step converges more of them when spent on fewer steps "
+                f"(every_n_steps={2 * self.every_n_steps}, budget={2 * self._estimator.budget:g}, "
+                f"n_iter={2 * self.n_iter}); or raise `budget` and `n_iter`, or read h0 where "
                 "h0_converged = 1."
             ),
             "delta_q": (

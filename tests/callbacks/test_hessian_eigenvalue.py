@@ -1,4 +1,5 @@
 import math
+import warnings
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -92,6 +93,20 @@ def test_logs_every_key_each_step_and_the_cost():
         assert chaos["chaos/h0_converged"][step] in (0.0, 1.0)
     assert sum(1 - c for c in chaos["chaos/h0_converged"].values()) == chaos["chaos/unconverged_steps"][5]
     assert chaos["chaos/probe_cost"][5] == monitor.latest.cost > 0
+
+
+def test_unconverged_steps_warn_once_with_the_settings_that_help():
+    """One product per step from a random start never converges: one warning, naming what to change."""
+    monitor = HessianEigenvalueMonitor(warmup_iters=0, budget=4, **PAPER)
+    pl.seed_everything(0, verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer([monitor], max_steps=24).fit(TinyModule(), loader())
+    assert monitor.unconverged_steps == monitor.computed_steps == 24
+    ours = [str(w.message) for w in caught if "did not converge" in str(w.message)]
+    assert len(ours) == 1, ours
+    assert "20 of 20 computed steps" in ours[0]
+    assert "every_n_steps=2, budget=8, n_iter=2" in ours[0] and "raise `budget` and `n_iter`" in ours[0]
 
 
 def test_paper_mode_costs_one_gradient_and_keeps_the_papers_estimate():
