@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import MemoryLogger, TinyModule, loader, trainer
+from helpers import CustomFunctionModule, MemoryLogger, OnceTanh, TinyModule, loader, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -107,6 +107,30 @@ def test_unconverged_steps_warn_once_with_the_settings_that_help():
     assert len(ours) == 1, ours
     assert "20 of 20 computed steps" in ours[0]
     assert "every_n_steps=2, budget=8, n_iter=2" in ours[0] and "raise `budget` and `n_iter`" in ours[0]
+
+
+@pytest.mark.parametrize(
+    ("make_module", "kwargs", "expected"),
+    [
+        (TinyModule, {"delta_q": 10.0}, ["using delta_q=", "Pass delta_q="]),
+        (
+            TinyModule,
+            {"delta_q_tol": 1e-12},
+            ["no finite-difference separation met delta_q_tol=1e-12", "products='exact'"],
+        ),
+        (lambda: CustomFunctionModule(OnceTanh), {}, ["no second derivatives", "not checked"]),
+    ],
+    ids=["delta_q_shrunk", "exact_products", "no_second_derivatives"],
+)
+def test_delta_q_and_product_warnings_are_given_once_naming_the_setting(make_module, kwargs, expected):
+    monitor = HessianEigenvalueMonitor(**kwargs)
+    pl.seed_everything(0, verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer([monitor], max_steps=6).fit(make_module(), loader())
+    ours = [str(w.message) for w in caught if str(w.message).startswith("HessianEigenvalueMonitor:")]
+    assert len(ours) == 1, ours
+    assert all(text in ours[0] for text in expected), ours[0]
 
 
 def test_paper_mode_costs_one_gradient_and_keeps_the_papers_estimate():
