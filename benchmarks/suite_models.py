@@ -124,12 +124,6 @@ class BatchNormCNN(_ImageClassifier):
         return self.head(self.features(x).flatten(1))
 
 
-def cnn_loss(module: nn.Module, batch: Any) -> Tensor:
-    """Cross-entropy of the BatchNorm CNN on ``(images, labels)``."""
-    x, y = batch
-    return F.cross_entropy(module.head(module.features(x).flatten(1)), y)
-
-
 def teacher_images(n: int, side: int, seed: int) -> tuple[Tensor, Tensor]:
     """Random 3×side×side images labelled by a fixed random linear teacher (a learnable task)."""
     generator = torch.Generator().manual_seed(seed)
@@ -461,7 +455,7 @@ CASES: dict[str, Case] = {
             "bn_cnn",
             "BatchNorm CNN (random images)",
             _bn_cnn,
-            cnn_loss,
+            classifier_loss,
             steps=100,
             every=1,
             description="conv 3→8→16 with train-mode BatchNorm, ReLU, max-pool, linear head; 3×16×16 random "
