@@ -68,6 +68,17 @@ def _loader(tensors: tuple[Tensor, ...], batch_size: int, shuffle: bool, seed: i
 # --------------------------------------------------------------------------------------------- BN CNN
 
 
+def make_optimizer(
+    params: Any, name: str, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """The optimizer of a suite model: ``"sgd"`` (with ``momentum``), ``"adam"`` or ``"adamw"``."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
 class _ImageClassifier(pl.LightningModule):
     """Cross-entropy on ``(inputs, labels)`` batches, logged as a user would; SGD (momentum) or AdamW."""
 
@@ -84,11 +95,7 @@ class _ImageClassifier(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.optimizer == "adamw":
-            return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        return torch.optim.SGD(
-            self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
-        )
+        return make_optimizer(self.parameters(), self.optimizer, self.lr, self.momentum, self.weight_decay)
 
 
 def _conv_features(channels: tuple[int, int], batch_norm: bool) -> nn.Sequential:
@@ -137,7 +144,7 @@ class TinyViT(_ImageClassifier):
 
     def __init__(
         self, side: int = 16, dim: int = 32, nhead: int = 4, dim_feedforward: int = 64, **optimizer: Any
-    ):
+    ) -> None:
         super().__init__(**optimizer)
         self.patches = nn.Conv2d(3, dim, 4, stride=4)
         self.positions = nn.Parameter(0.02 * torch.randn(1, (side // 4) ** 2, dim))
@@ -289,9 +296,7 @@ class RecurrentLM(_LanguageModel):
         return self.decoder(self.rnn(self.embedding(tokens))[0])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.optimizer == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=self.lr)
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return make_optimizer(self.parameters(), self.optimizer, self.lr)
 
 
 # ------------------------------------------------------------------------------------- boring linear
